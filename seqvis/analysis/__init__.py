@@ -1,0 +1,1 @@
+"""Analysis: FLOP counting, power-law fits, plots, attention maps."""

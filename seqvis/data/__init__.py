@@ -1,0 +1,1 @@
+"""Data: tfds datasets -> tf.data pipelines -> numpy batches sharded for devices."""

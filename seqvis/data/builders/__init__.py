@@ -1,0 +1,1 @@
+"""tfds builders for data that must work offline."""

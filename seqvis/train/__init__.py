@@ -1,0 +1,1 @@
+"""The shared trainer: state, optimiser, parallel step, checkpoints, metrics, logging."""

@@ -1,0 +1,21 @@
+"""Test setup: CPU only, 8 fake devices, a persistent compilation cache.
+
+The environment must be set before jax is imported anywhere, which is why it lives here.
+"""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+
+import jax  # noqa: E402
+
+_CACHE = os.environ.get(
+    "SEQVIS_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "seqvis-jax-tests")
+)
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
