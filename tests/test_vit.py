@@ -1,0 +1,178 @@
+"""ViT: patch embedding, exact parameter counts of every variant, posemb resampling, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seqvis.models import transformer as tr
+from seqvis.models import vit
+from seqvis.models.common import count_params
+
+# Published sizes at 224 px, 1000 classes, class token, learned posemb, no pre-logits.
+PUBLISHED = {
+    "Ti/16": 5_717_416,
+    "S/16": 22_050_664,
+    "B/16": 86_567_656,
+    "B/32": 88_224_232,
+    "L/16": 304_326_632,
+}
+
+
+def analytic_params(v: vit.Variant, patch: int, image: int = 224, classes: int = 1000, channels: int = 3):
+    """Independent count from the architecture's definition."""
+    d, m, n = v.width, v.mlp_dim, (image // patch) ** 2
+    embed = patch * patch * channels * d + d
+    cls, pos = d, (n + 1) * d
+    block = 2 * 2 * d + 4 * (d * d + d) + (d * m + m) + (m * d + d)
+    return embed + cls + pos + v.depth * block + 2 * d + (d * classes + classes)
+
+
+@pytest.mark.parametrize("name,expected", sorted(PUBLISHED.items()))
+def test_published_parameter_counts(name, expected):
+    assert count_params(vit.build(name, num_classes=1000), (1, 224, 224, 3)) == expected
+
+
+def test_h14_parameter_count():
+    # The ViT-H/14 body is 630,764,800 parameters; the 1000-class head adds 1280*1000+1000.
+    assert count_params(vit.build("H/14", num_classes=None), (1, 224, 224, 3)) == 630_764_800
+    assert count_params(vit.build("H/14", num_classes=1000), (1, 224, 224, 3)) == 630_764_800 + 1_281_000
+
+
+@pytest.mark.parametrize("variant", sorted(vit.VARIANTS))
+@pytest.mark.parametrize("patch", [14, 16, 32])
+def test_every_variant_matches_analytic_count(variant, patch):
+    model = vit.build(f"{variant}/{patch}", num_classes=1000)
+    assert count_params(model, (1, 224, 224, 3)) == analytic_params(vit.VARIANTS[variant], patch)
+
+
+def test_variant_table_is_as_published():
+    table = {k: (v.width, v.depth, v.mlp_dim, v.num_heads) for k, v in vit.VARIANTS.items()}
+    assert table == {
+        "mu": (32, 1, 128, 2), "s": (256, 6, 1024, 8), "Ti": (192, 12, 768, 3),
+        "S": (384, 12, 1536, 6), "M": (512, 12, 2048, 8), "B": (768, 12, 3072, 12),
+        "L": (1024, 24, 4096, 16), "H": (1280, 32, 5120, 16), "g": (1408, 40, 6144, 16),
+        "G": (1664, 48, 8192, 16),
+    }
+
+
+def test_patch_embedding_is_flatten_then_linear():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 12, 8, 3)).astype(np.float32)
+    model = vit.build("mu/4", num_classes=None, depth=1)
+    params = model.init(jax.random.PRNGKey(0), x)["params"]
+    kernel = np.asarray(params["embedding"]["kernel"])  # [p, p, C, D]
+    bias = np.asarray(params["embedding"]["bias"])
+    # The conv output exactly as the model computes it, captured during apply.
+    _, st = model.apply({"params": params}, x, mutable=["intermediates"],
+                        capture_intermediates=lambda mdl, _: mdl.name == "embedding")
+    (conv,) = st["intermediates"]["embedding"]["__call__"]
+    conv = np.asarray(conv).reshape(2, -1, conv.shape[-1])
+    # Flatten each 4x4x3 patch in (row, col, channel) order, row-major over the grid.
+    b, h, w, c = x.shape
+    p = 4
+    patches = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, p * p * c)
+    linear = patches @ kernel.reshape(p * p * c, -1) + bias
+    np.testing.assert_allclose(conv, linear, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"pool": "gap"}, {"posemb": "sincos2d"}, {"representation_size": 16},
+    {"scan_layers": True}, {"scan_layers": True, "remat": True}, {"use_fused_attention": True},
+    {"patch_size": (7, 4)},
+])
+def test_forward_shapes(kw):
+    model = vit.build("mu/4", num_classes=10, depth=2, **kw)
+    x = jnp.ones((3, 28, 28, 1))
+    params = model.init(jax.random.PRNGKey(0), x)
+    logits, tokens = model.apply(params, x, return_features=True)
+    assert logits.shape == (3, 10)
+    ph, pw = vit._pair(model.patch_size)
+    n = (28 // ph) * (28 // pw) + (0 if model.pool == "gap" else 1)
+    assert tokens.shape == (3, n, 32)
+    assert np.all(np.isfinite(logits))
+
+
+def test_class_token_and_learned_posemb_names():
+    model = vit.build("mu/4", num_classes=10)
+    p = model.init(jax.random.PRNGKey(0), jnp.ones((1, 8, 8, 3)))["params"]
+    assert p["cls"].shape == (1, 1, 32)
+    assert p["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 5, 32)
+    assert set(p["Transformer"]) == {"posembed_input", "encoderblock_0", "encoder_norm"}
+    assert np.all(np.asarray(p["head"]["kernel"]) == 0)  # zero-init head
+
+
+def test_scanned_vit_equals_unrolled():
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16, 16, 3)), jnp.float32)
+    a = vit.build("mu/4", num_classes=5, depth=3, head_zero_init=False)
+    b = vit.build("mu/4", num_classes=5, depth=3, head_zero_init=False, scan_layers=True)
+    pa = a.init(jax.random.PRNGKey(0), x)["params"]
+    pb = dict(pa)
+    pb["Transformer"] = tr.stack_layer_params(pa["Transformer"], 3)
+    np.testing.assert_allclose(a.apply({"params": pa}, x), b.apply({"params": pb}, x), rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_only_in_training():
+    x = jnp.ones((2, 8, 8, 3))
+    model = vit.build("mu/4", num_classes=5, dropout_rate=0.3, head_zero_init=False)
+    params = model.init(jax.random.PRNGKey(0), x)
+    ev = model.apply(params, x)
+    tr_ = model.apply(params, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    assert not np.allclose(ev, tr_)
+
+
+def test_sincos_posemb_formula():
+    pe = vit.sincos_2d_posemb(3, 4, 8)
+    assert pe.shape == (1, 12, 8)
+    # Token (row 2, col 3) with omega = [1, 1/100]: [sin(3w), cos(3w), sin(2w), cos(2w)].
+    w = 1.0 / 10000 ** (np.arange(2) / 2)
+    expected = np.concatenate([np.sin(3 * w), np.cos(3 * w), np.sin(2 * w), np.cos(2 * w)])
+    np.testing.assert_allclose(pe[0, 2 * 4 + 3], expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        vit.sincos_2d_posemb(2, 2, 6)
+
+
+def test_resample_posemb_constant_grid_stays_constant():
+    d = 6
+    cls = np.arange(d, dtype=np.float32)[None, None]
+    grid = np.full((1, 7 * 7, d), 0.25, np.float32)
+    out = vit.resample_posemb(np.concatenate([cls, grid], axis=1), 12)
+    assert out.shape == (1, 1 + 144, d)
+    np.testing.assert_array_equal(out[:, :1], cls)  # class token kept apart
+    np.testing.assert_allclose(out[:, 1:], 0.25, rtol=1e-6)
+
+
+def test_resample_posemb_identity_and_no_prefix():
+    pe = np.random.default_rng(2).normal(size=(1, 16, 4)).astype(np.float32)
+    np.testing.assert_allclose(vit.resample_posemb(pe, 4), pe, rtol=1e-6)  # inferred: no prefix
+    # A linear ramp is reproduced exactly (bilinear) in the interior when upsampling 2x.
+    ramp = np.tile(np.arange(4, dtype=np.float32), 4).reshape(1, 16, 1)
+    up = np.asarray(vit.resample_posemb(ramp, 8)).reshape(8, 8)
+    assert np.all(np.diff(up, axis=1) >= 0) and np.allclose(up[0], up[5])
+
+
+def test_resampled_posemb_runs_at_new_resolution():
+    model = vit.build("mu/4", num_classes=3)
+    p = model.init(jax.random.PRNGKey(0), jnp.ones((1, 16, 16, 3)))["params"]
+    pe = p["Transformer"]["posembed_input"]["pos_embedding"]
+    p = jax.tree.map(lambda a: a, p)
+    p["Transformer"]["posembed_input"]["pos_embedding"] = vit.resample_posemb(pe, 6)
+    assert model.apply({"params": p}, jnp.ones((2, 24, 24, 3))).shape == (2, 3)
+
+
+def test_error_messages():
+    with pytest.raises(ValueError, match=r"Unknown ViT variant 'X'.*valid variants: mu, s, Ti"):
+        vit.build("X/16")
+    with pytest.raises(ValueError, match="Cannot parse ViT name"):
+        vit.build("B16")
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        vit.build("B/16", image_size=225)
+    with pytest.raises(ValueError, match="width=100 is not divisible by num_heads=3"):
+        vit.build("Ti/16", width=100)
+    with pytest.raises(ValueError, match="Unknown ViT field"):
+        vit.build("Ti/16", widht=10)
+    with pytest.raises(ValueError, match="pool='cls' is unknown"):
+        vit.build("Ti/16", pool="cls")
+    model = vit.build("mu/5", num_classes=2)
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        model.init(jax.random.PRNGKey(0), jnp.ones((1, 28, 28, 1)))
