@@ -1,0 +1,64 @@
+"""ViT classification from scratch.
+
+    python -m seqvis.main --config=configs/vit.py --workdir=DIR            # the default job
+    python -m seqvis.main --config=configs/vit.py:Ti/4,fashion_mnist --workdir=DIR
+    python -m seqvis.main --config=configs/vit.py:S/16,imagenet2012 --workdir=DIR --config.total_steps=1000
+
+The argument is ``VARIANT/PATCH,DATASET`` (either part optional). With no argument this is
+the default job: a small ViT (width 128, depth 6, 4 heads, 7x7 patches -> 16 tokens + class
+token) trained from scratch on Fashion-MNIST, which reaches >= 88% test accuracy in a few
+minutes on a 2-core CPU.
+"""
+
+from seqvis.data.presets import data_config
+from seqvis.train.defaults import base_config
+
+DEFAULT_MODEL = dict(variant="s/7", width=128, depth=6, mlp_dim=256, num_heads=4)
+
+
+def get_config(arg: str | None = None):
+    variant, dataset = None, "fashion_mnist"
+    for part in (arg or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "/" in part:
+            variant = part
+        else:
+            dataset = part
+
+    c = base_config()
+    c.data = data_config(dataset)
+    c.model.name = "vit"
+    if variant is None:
+        c.model.update(DEFAULT_MODEL)
+    else:
+        c.model.variant = variant
+    c.model.pool = "token"
+    c.model.posemb = "learned"
+    c.model.dropout_rate = 0.0
+    c.model.stochastic_depth = 0.0
+
+    c.optimizer.name = "adamw"
+    c.optimizer.weight_decay = 0.05
+    c.optimizer.grad_clip_norm = 1.0
+    c.schedule.name = "cosine"
+    c.schedule.base_lr = 1e-3
+    c.batch_size = 256
+    c.eval_batch_size = 1000
+
+    if dataset in ("fashion_mnist", "mnist"):
+        c.num_epochs = 10.0
+        c.schedule.warmup_steps = 200
+        c.checkpoint_every_steps = 500
+    elif dataset in ("cifar10", "cifar100"):
+        c.num_epochs = 200.0
+        c.schedule.warmup_steps = 2000
+        c.batch_size = 512
+    else:  # ImageNet-scale: see vit_i1k.py / vit_s16_i1k_baseline.py for the published recipes
+        c.num_epochs = 300.0
+        c.schedule.warmup_steps = 10_000
+        c.batch_size = 4096
+        c.eval_batch_size = 1024
+        c.checkpoint_every_steps = 2000
+    return c

@@ -1,0 +1,55 @@
+"""Dataset presets: tfds name, classes, image shape after preprocessing, standard pp strings.
+
+Configs call :func:`data_config` with a short name (``fashion_mnist``, ``cifar10``,
+``imagenet2012``...) and override what they ablate. ``fashion_mnist`` and ``mnist`` read
+local IDX files (offline); the others are tfds catalogue datasets that must be prepared in
+``data_dir``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+_SMALL_GRAY = dict(image_shape=(28, 28, 1), num_classes=10, train_split="train", eval_split="test")
+_INCEPTION_224 = "decode|inception_crop(224)|flip_lr|value_range(-1, 1)"
+_CENTER_224 = "decode|resize(256)|central_crop(224)|value_range(-1, 1)"
+
+PRESETS: dict[str, dict] = {
+    "fashion_mnist": dict(
+        name="fashion_mnist_idx", **_SMALL_GRAY,
+        pp_train="decode|random_crop(28, pad=2)|flip_lr|value_range(-1, 1)",
+        pp_eval="decode|value_range(-1, 1)"),
+    "mnist": dict(
+        name="mnist_idx", **_SMALL_GRAY,
+        pp_train="decode|random_crop(28, pad=2)|value_range(-1, 1)",
+        pp_eval="decode|value_range(-1, 1)"),
+    "cifar10": dict(
+        name="cifar10", image_shape=(32, 32, 3), num_classes=10, train_split="train", eval_split="test",
+        pp_train="decode|random_crop(32, pad=4)|flip_lr|value_range(-1, 1)",
+        pp_eval="decode|value_range(-1, 1)"),
+    "cifar100": dict(
+        name="cifar100", image_shape=(32, 32, 3), num_classes=100, train_split="train", eval_split="test",
+        pp_train="decode|random_crop(32, pad=4)|flip_lr|value_range(-1, 1)",
+        pp_eval="decode|value_range(-1, 1)"),
+    "imagenet2012": dict(
+        name="imagenet2012", image_shape=(224, 224, 3), num_classes=1000,
+        train_split="train[:99%]", eval_split="validation",
+        pp_train=_INCEPTION_224, pp_eval=_CENTER_224),
+    "oxford_iiit_pet": dict(
+        name="oxford_iiit_pet", image_shape=(224, 224, 3), num_classes=37, train_split="train",
+        eval_split="test", pp_train="decode|inception_crop(224)|flip_lr|value_range(-1, 1)",
+        pp_eval="decode|resize(224)|value_range(-1, 1)"),
+}
+
+
+def data_config(name: str, **overrides) -> ml_collections.ConfigDict:
+    if name not in PRESETS:
+        raise ValueError(f"Unknown dataset preset {name!r}; valid: {', '.join(PRESETS)}.")
+    c = ml_collections.ConfigDict(dict(
+        data_dir="", idx_dir="",  # "" = tfds default / built-in search path
+        shuffle_buffer=50_000, cache=True, prefetch=2,
+        mixup=ml_collections.ConfigDict(dict(p=0.0, alpha=0.0))))
+    c.update(PRESETS[name])
+    c.preset = name
+    c.update(overrides)
+    return c

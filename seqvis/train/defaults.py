@@ -1,0 +1,48 @@
+"""Every trainer field with its default: configs start from :func:`base_config` and override.
+
+Durations are in steps (``total_steps``) or epochs (``num_epochs``); exactly one is used
+(``total_steps`` wins when both are set).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "classification"
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()  # model kwargs; `name` picks the module
+
+    c.data = ml_collections.ConfigDict()  # see seqvis.data.presets
+
+    c.batch_size = 256  # global, over all devices and hosts
+    c.eval_batch_size = 256
+    c.total_steps = 0
+    c.num_epochs = 0.0
+    c.grad_accum_steps = 1
+    c.label_smoothing = 0.0
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="adamw", b1=0.9, b2=0.999, eps=1e-8, momentum=0.9, nesterov=False,
+        weight_decay=0.0, skip_decay=("bias", "norm", "embedding"), grad_clip_norm=1.0))
+    c.schedule = ml_collections.ConfigDict(dict(
+        name="cosine", base_lr=1e-3, warmup_steps=0, end_lr=0.0, timescale=10_000))
+
+    c.parallel = "pmap"  # or "mesh" (jax.shard_map over a 1-D device mesh)
+    c.distributed = ml_collections.ConfigDict(dict(
+        coordinator_address="", num_processes=1, process_id=0, cpu_collectives=""))
+
+    c.init_from = ""  # a seqvis workdir/checkpoint or an official ViT .npz to start from
+
+    c.log_every_steps = 50
+    c.eval_every_steps = 0  # 0: evaluate only at the end
+    c.checkpoint_every_steps = 500
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    c.count_flops = True
+    c.tensorboard = True
+    c.progress = True
+    return c

@@ -1,0 +1,94 @@
+"""Metric output: ``workdir/metrics.jsonl``, TensorBoard event files, and terminal progress.
+
+Only process 0 writes (the writer is a no-op elsewhere). TensorBoard files are written with
+``tf.summary`` (TensorFlow is already a dependency of the data pipeline).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+
+def _scalar(v: Any) -> float:
+    v = float(v)
+    return v if math.isfinite(v) else float("nan")
+
+
+class MetricWriter:
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self._tb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        if tensorboard:
+            import tensorflow as tf
+
+            self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        row = {f"{prefix}{k}": _scalar(v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **row}) + "\n")
+        if self._tb is not None:
+            import tensorflow as tf
+
+            with self._tb.as_default(step=int(step)):
+                for k, v in row.items():
+                    tf.summary.scalar(k, v)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+
+
+def _fmt_time(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    """A one-line progress bar with ETA on a TTY; plain periodic lines otherwise."""
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=None, every: int = 100):
+        self.total, self.start = total, start
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.every = max(1, every)
+        self.t0 = time.time()
+
+    def update(self, step: int, info: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        done = step - self.start
+        elapsed = time.time() - self.t0
+        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        text = " ".join(f"{k}={v:.4g}" for k, v in info.items())
+        if self.tty:
+            width = 30
+            fill = int(width * step / max(self.total, 1))
+            bar = "#" * fill + "-" * (width - fill)
+            eta_s = _fmt_time(eta) if math.isfinite(eta) else "--:--"
+            self.stream.write(f"\r[{bar}] {step}/{self.total} {_fmt_time(elapsed)}<{eta_s} {text}\033[K")
+            self.stream.flush()
+        elif step % self.every == 0 or step == self.total:
+            eta_s = _fmt_time(eta) if math.isfinite(eta) else "?"
+            self.stream.write(f"step {step}/{self.total} elapsed {_fmt_time(elapsed)} eta {eta_s} {text}\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()

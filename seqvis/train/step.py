@@ -1,0 +1,210 @@
+"""The train and eval steps, written once per device, and the two ways to map them.
+
+Each step sees one device's share of the batch and talks to the others only through
+collectives over the named axis ``'batch'``:
+
+    grads = Σ_devices ∇ Σ_i mask_i·loss_i  /  Σ_devices Σ_i mask_i     (psum / psum)
+
+so the update is that of the mean loss over the global batch, whatever the device count.
+Gradient accumulation splits the device batch into ``accum_steps`` micro-batches scanned
+in sequence and summed the same way, so k micro-batches give the update of one big batch.
+
+A non-finite loss or gradient leaves the state untouched and records the step in
+``bad_step``; the state then stays frozen, so the host can stop at its next check with
+the last good parameters (no per-step host sync is needed).
+
+Drivers: ``pmap`` (state replicated with a leading device axis) and ``mesh``
+(``jax.shard_map`` over a 1-D mesh, state replicated as one global array). Both run the
+same per-device function and give the same parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "batch"
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: number of updates applied
+    params: Any
+    opt_state: Any
+    model_state: Any  # mutable collections other than params, e.g. {'batch_stats': ...}
+    rng: jax.Array  # uint32[2] base key; per-step keys are fold_in(fold_in(rng, step), device)
+    bad_step: jax.Array  # int32 scalar: -1, or the first step whose loss/gradient was not finite
+
+
+def create_state(task, tx: optax.GradientTransformation, seed: int, dummy_batch: dict) -> TrainState:
+    """Initialise parameters and optimiser state (on the host's default device)."""
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+    variables = jax.jit(task.init)(init_rng, dummy_batch)
+    variables = flax.core.unfreeze(variables)
+    params = variables.pop("params")
+    model_state = {k: v for k, v in variables.items() if k in task.mutable_collections}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      model_state=model_state, rng=train_rng, bad_step=-jnp.ones((), jnp.int32))
+
+
+def _split_micro(batch: dict, k: int) -> dict:
+    return jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+
+
+def make_train_step(task, tx: optax.GradientTransformation, schedule: Callable, accum_steps: int = 1):
+    """Per-device ``step(state, batch) -> (state, metrics)``; metrics are global sums/means."""
+
+    def loss_fn(params, model_state, micro, rng):
+        variables = {"params": params, **model_state}
+        loss, metrics, updates = task.losses(variables, micro, train=True, rng=rng)
+        m = micro["mask"].astype(jnp.float32)
+        sums = {k: jnp.sum(v * m) for k, v in metrics.items()}
+        sums["loss"] = jnp.sum(loss * m)
+        return sums["loss"], (updates, sums, jnp.sum(m))
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
+        if accum_steps == 1:
+            grads, (updates, sums, count) = grad_fn(state.params, state.model_state, batch, rng)
+            model_state = {**state.model_state, **updates}
+        else:
+            micro = _split_micro(batch, accum_steps)
+
+            def body(carry, xs):
+                g_acc, s_acc, c_acc, ms = carry
+                mb, i = xs
+                g, (upd, s, c) = grad_fn(state.params, ms, mb, jax.random.fold_in(rng, i))
+                add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
+                return (add(g_acc, g), add(s_acc, s), c_acc + c, {**ms, **upd}), None
+
+            zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+            _, (_, s0, _) = jax.eval_shape(grad_fn, state.params, state.model_state,
+                                           jax.tree.map(lambda x: x[0], micro), rng)
+            zeros_s = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), s0)
+            (grads, sums, count, model_state), _ = jax.lax.scan(
+                body, (zeros_g, zeros_s, jnp.zeros((), jnp.float32), state.model_state),
+                (micro, jnp.arange(accum_steps)))
+
+        count = jax.lax.psum(count, AXIS)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: jax.lax.psum(g, AXIS) / denom, grads)
+        sums = jax.lax.psum(sums, AXIS)
+        model_state = jax.lax.pmean(model_state, AXIS)
+
+        new_updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, new_updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+        ok = finite & (state.bad_step < 0)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + ok.astype(jnp.int32),
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            model_state=keep(model_state, state.model_state),
+            bad_step=jnp.where(~finite & (state.bad_step < 0), state.step, state.bad_step),
+        )
+        metrics = {k: v / denom for k, v in sums.items()}
+        metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step), count=count,
+                       bad_step=new_state.bad_step)
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(task):
+    """Per-device ``eval(state, batch) -> sums``: masked sums of loss and metrics, and the count."""
+
+    def step(state: TrainState, batch: dict):
+        variables = {"params": state.params, **state.model_state}
+        loss, metrics, _ = task.losses(variables, batch, train=False, rng=None)
+        m = batch["mask"].astype(jnp.float32)
+        sums = {k: jnp.sum(v * m) for k, v in metrics.items()}
+        sums["loss"] = jnp.sum(loss * m)
+        sums["count"] = jnp.sum(m)
+        return jax.lax.psum(sums, AXIS)
+
+    return step
+
+
+# ---------------------------------------------------------------------------- drivers
+
+
+class PmapDriver:
+    """State replicated along a leading device axis; batches ``[local_devices, B, ...]``."""
+
+    name = "pmap"
+
+    def __init__(self, train_step, eval_step):
+        self.devices = jax.local_devices()
+        self._train = jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0,))
+        self._eval = jax.pmap(eval_step, axis_name=AXIS)
+
+    def put_state(self, state):
+        return jax.device_put_replicated(state, self.devices)
+
+    def get_state(self, state):
+        """One copy of the state as host numpy arrays."""
+        return jax.device_get(jax.tree.map(lambda x: x[0], state))
+
+    def put_batch(self, batch):
+        return batch  # pmap splits the leading axis over the local devices itself
+
+    def train(self, state, batch):
+        state, metrics = self._train(state, batch)
+        return state, jax.tree.map(lambda x: x[0], metrics)
+
+    def evaluate(self, state, batch):
+        return jax.tree.map(lambda x: x[0], self._eval(state, batch))
+
+
+class MeshDriver:
+    """``jax.shard_map`` over a 1-D mesh ``('batch',)`` of all devices; state fully replicated."""
+
+    name = "mesh"
+
+    def __init__(self, train_step, eval_step):
+        self.mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.sharded = NamedSharding(self.mesh, P(AXIS))
+        smap = lambda f, outs: jax.shard_map(f, mesh=self.mesh, in_specs=(P(), P(AXIS)),  # noqa: E731
+                                             out_specs=outs)
+        self._train = jax.jit(smap(train_step, (P(), P())), donate_argnums=(0,))
+        self._eval = jax.jit(smap(eval_step, P()))
+
+    def put_state(self, state):
+        return jax.device_put(state, self.replicated)
+
+    def get_state(self, state):
+        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state)
+
+    def put_batch(self, batch):
+        # [local_devices, B, ...] -> one global array sharded over the mesh (also multi-host).
+        def put(x):
+            local = x.reshape((-1,) + x.shape[2:])
+            return jax.make_array_from_process_local_data(self.sharded, local)
+
+        return jax.tree.map(put, batch)
+
+    def train(self, state, batch):
+        return self._train(state, batch)
+
+    def evaluate(self, state, batch):
+        return self._eval(state, batch)
+
+
+DRIVERS = {"pmap": PmapDriver, "mesh": MeshDriver}
+
+
+def make_driver(name: str, train_step, eval_step):
+    if name not in DRIVERS:
+        raise ValueError(f"config.parallel={name!r} is unknown; use one of {sorted(DRIVERS)}.")
+    return DRIVERS[name](train_step, eval_step)

@@ -1,0 +1,136 @@
+"""Tasks: what a trainer needs to know about one kind of problem.
+
+A task builds the model from ``config.model``, says what a dummy input looks like, and turns
+a batch into per-example losses and metrics. The trainer does everything else (devices,
+optimiser, masking, checkpoints, logging), so captioning and video are small tasks, not
+forks of the trainer. Register a task with :func:`register_task`; the config picks it
+with ``config.task``.
+
+Per-example outputs let the trainer mask padded examples exactly: the reported loss is
+``Σ_i mask_i · loss_i / Σ_i mask_i`` over every device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+TASKS: dict[str, Callable[[Any], "Task"]] = {}
+
+
+def register_task(name: str):
+    def deco(cls):
+        TASKS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_task(config: Any) -> "Task":
+    name = config.get("task", "classification")
+    if name not in TASKS:
+        raise ValueError(f"config.task={name!r} is unknown; valid tasks: {sorted(TASKS)}.")
+    return TASKS[name](config)
+
+
+class Task:
+    """Interface. Batches are dicts of arrays with a leading per-device batch axis."""
+
+    #: Variable collections other than params that the model keeps (e.g. 'batch_stats').
+    mutable_collections: tuple[str, ...] = ()
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.model = self.build_model()
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def dummy_batch(self, batch_size: int) -> dict[str, jax.Array]:
+        raise NotImplementedError
+
+    def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def losses(self, variables, batch, *, train: bool, rng: jax.Array | None):
+        """-> (per-example loss [B], per-example metrics {name: [B]}, updated mutable collections)."""
+        raise NotImplementedError
+
+    def model_inputs(self, batch: dict[str, jax.Array]) -> tuple:
+        """The positional inputs of the forward pass (used for FLOP counting)."""
+        raise NotImplementedError
+
+
+def build_classifier(model_cfg: Any, num_classes: int) -> nn.Module:
+    """``config.model`` -> ViT or ResNet module (``name`` picks which; other fields are kwargs)."""
+    cfg = dict(model_cfg)
+    name = cfg.pop("name", "vit")
+    if name == "vit":
+        from seqvis.models import vit
+
+        variant = cfg.pop("variant", None)
+        if variant is None:
+            raise ValueError("config.model.variant is missing; set it to a ViT name such as 'Ti/16'.")
+        return vit.build(variant, num_classes=num_classes, **cfg)
+    if name == "resnet":
+        from seqvis.models import resnet
+
+        return resnet.ResNet(num_classes=num_classes, **cfg)
+    raise ValueError(f"config.model.name={name!r} is unknown; use 'vit' or 'resnet'.")
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
+                          label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example cross-entropy; ``labels`` are ints ``[B]`` or soft labels ``[B, K]``."""
+    if labels.ndim == logits.ndim:
+        targets = labels.astype(jnp.float32)
+    else:
+        targets = jax.nn.one_hot(labels, num_classes)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+@register_task("classification")
+class ClassificationTask(Task):
+    """Image classification: ``image [B, H, W, C]`` and ``label [B]`` (or soft ``labels [B, K]``)."""
+
+    def __init__(self, config: Any):
+        self.num_classes = int(config.data.num_classes)
+        super().__init__(config)
+        self.mutable_collections = ("batch_stats",) if config.model.get("name") == "resnet" and \
+            config.model.get("norm", "batch") == "batch" else ()
+
+    def build_model(self) -> nn.Module:
+        return build_classifier(self.config.model, self.num_classes)
+
+    def dummy_batch(self, batch_size: int) -> dict[str, jax.Array]:
+        h, w, c = self.config.data.image_shape
+        return {"image": jnp.zeros((batch_size, h, w, c), jnp.float32),
+                "label": jnp.zeros((batch_size,), jnp.int32)}
+
+    def model_inputs(self, batch):
+        return (batch["image"],)
+
+    def init(self, rng, batch):
+        return self.model.init({"params": rng, "dropout": rng}, batch["image"], train=False)
+
+    def losses(self, variables, batch, *, train, rng):
+        rngs = {"dropout": rng} if rng is not None else {}
+        if self.mutable_collections and train:
+            logits, updates = self.model.apply(variables, batch["image"], train=True, rngs=rngs,
+                                               mutable=list(self.mutable_collections))
+        else:
+            logits, updates = self.model.apply(variables, batch["image"], train=train, rngs=rngs), {}
+        labels = batch.get("labels", batch["label"])  # soft labels after mixup
+        smoothing = float(self.config.get("label_smoothing", 0.0)) if train else 0.0
+        loss = softmax_cross_entropy(logits, labels, self.num_classes, smoothing)
+        hard = batch["label"] if "label" in batch else jnp.argmax(labels, -1)
+        if hard.ndim == logits.ndim:
+            hard = jnp.argmax(hard, -1)
+        correct = (jnp.argmax(logits, -1) == hard).astype(jnp.float32)
+        return loss, {"accuracy": correct}, updates
