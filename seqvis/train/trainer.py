@@ -162,6 +162,11 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at_step: int | None = 
     if restored is not None:
         host_state, meta = restored
         log.info("Resumed from step %d in %s", meta["step"], ckpt.directory)
+    elif config.get("init_from"):
+        from seqvis.train.pretrained import load_pretrained
+
+        params = load_pretrained(config.init_from, host_state.params)
+        host_state = host_state.replace(params=params, opt_state=jax.device_get(tx.init(params)))
     start_step = int(meta["step"])
 
     # ---------------------------------------------------------------- compile
