@@ -72,8 +72,11 @@ def make_train_step(task, tx: optax.GradientTransformation, schedule: Callable, 
 
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
+        # Per-device gradients: mark the replicated params as device-varying, otherwise
+        # shard_map's autodiff would already sum them over devices (and psum twice).
+        params = jax.tree.map(lambda p: jax.lax.pcast(p, AXIS, to="varying"), state.params)
         if accum_steps == 1:
-            grads, (updates, sums, count) = grad_fn(state.params, state.model_state, batch, rng)
+            grads, (updates, sums, count) = grad_fn(params, state.model_state, batch, rng)
             model_state = {**state.model_state, **updates}
         else:
             micro = _split_micro(batch, accum_steps)
@@ -81,12 +84,12 @@ def make_train_step(task, tx: optax.GradientTransformation, schedule: Callable, 
             def body(carry, xs):
                 g_acc, s_acc, c_acc, ms = carry
                 mb, i = xs
-                g, (upd, s, c) = grad_fn(state.params, ms, mb, jax.random.fold_in(rng, i))
+                g, (upd, s, c) = grad_fn(params, ms, mb, jax.random.fold_in(rng, i))
                 add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
                 return (add(g_acc, g), add(s_acc, s), c_acc + c, {**ms, **upd}), None
 
-            zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-            _, (_, s0, _) = jax.eval_shape(grad_fn, state.params, state.model_state,
+            zeros_g = jax.tree.map(jnp.zeros_like, params)
+            _, (_, s0, _) = jax.eval_shape(grad_fn, params, state.model_state,
                                            jax.tree.map(lambda x: x[0], micro), rng)
             zeros_s = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), s0)
             (grads, sums, count, model_state), _ = jax.lax.scan(
@@ -138,6 +141,14 @@ def make_eval_step(task):
 # ---------------------------------------------------------------------------- drivers
 
 
+def replicate(tree: Any, devices) -> Any:
+    """One copy of every leaf per device, stacked on a leading axis, laid out as pmap wants."""
+    sharding = NamedSharding(Mesh(np.asarray(devices), ("replica",)), P("replica"))
+    n = len(devices)
+    return jax.tree.map(
+        lambda x: jax.device_put(np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)), sharding), tree)
+
+
 class PmapDriver:
     """State replicated along a leading device axis; batches ``[local_devices, B, ...]``."""
 
@@ -149,7 +160,7 @@ class PmapDriver:
         self._eval = jax.pmap(eval_step, axis_name=AXIS)
 
     def put_state(self, state):
-        return jax.device_put_replicated(state, self.devices)
+        return replicate(state, self.devices)
 
     def get_state(self, state):
         """One copy of the state as host numpy arrays."""
