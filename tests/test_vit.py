@@ -176,3 +176,22 @@ def test_error_messages():
     model = vit.build("mu/5", num_classes=2)
     with pytest.raises(ValueError, match="not divisible by the patch size"):
         model.init(jax.random.PRNGKey(0), jnp.ones((1, 28, 28, 1)))
+
+
+def test_hybrid_r50_b16_shapes():
+    model = vit.build("R50+B/16", num_classes=1000)
+    x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
+    assert "ResNet" in variables["params"] and variables["params"]["embedding"]["kernel"].shape == (1, 1, 1024, 768)
+    logits, tokens = jax.eval_shape(lambda v, x: model.apply(v, x, return_features=True), variables, x)
+    assert logits.shape == (2, 1000) and tokens.shape == (2, 14 * 14 + 1, 768)
+
+
+def test_tiny_hybrid_forward():
+    model = vit.build("R26+mu/16", num_classes=3, hybrid_width=32)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    params = model.init(jax.random.PRNGKey(0), x)
+    out = model.apply(params, x)
+    assert out.shape == (2, 3) and np.all(np.isfinite(out))
+    with pytest.raises(ValueError, match="hybrid trunk stride 16"):
+        model.init(jax.random.PRNGKey(0), jnp.ones((1, 40, 40, 3)))

@@ -186,7 +186,7 @@ class ViT(nn.Module):
         if self.hybrid_stages:
             from seqvis.models.resnet import ResNetEncoder  # only hybrids need the trunk
 
-            x = ResNetEncoder(stage_sizes=tuple(self.hybrid_stages), norm="group", stem="imagenet",
+            x = ResNetEncoder(stage_sizes=tuple(self.hybrid_stages), norm="group", stem="imagenet", padding="same",
                               width=self.hybrid_width, dtype=self.dtype,
                               param_dtype=self.param_dtype, name="ResNet")(x, train=train)
 

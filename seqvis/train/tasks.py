@@ -78,7 +78,10 @@ def build_classifier(model_cfg: Any, num_classes: int) -> nn.Module:
         return vit.build(variant, num_classes=num_classes, **cfg)
     if name == "resnet":
         from seqvis.models import resnet
+        from seqvis.train.step import AXIS
 
+        # Batch statistics are computed over the global batch (synced across devices).
+        cfg.setdefault("bn_axis_name", AXIS if cfg.get("norm", "batch") == "batch" else None)
         return resnet.ResNet(num_classes=num_classes, **cfg)
     raise ValueError(f"config.model.name={name!r} is unknown; use 'vit' or 'resnet'.")
 

@@ -1,0 +1,1 @@
+"""Runnable studies built on seqvis: benchmarks, sweeps, scaling curves."""

@@ -1,0 +1,102 @@
+"""Throughput benchmark: train and inference img/s, model GFLOPs per image, achieved GFLOP/s.
+
+    python -m experiments.benchmark [--steps 20] [--models default,ti4_32]
+
+Prints one JSON line per (model, mode). The train step is the real seqvis step (pmap over
+all local devices, optimiser update included) on synthetic batches, so the input pipeline
+is not measured. GFLOPs come from XLA's cost analysis of the compiled forward pass;
+achieved GFLOP/s counts a training step as 3x the forward FLOPs (the usual convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from seqvis.train import optim, step as step_lib
+from seqvis.train.tasks import get_task
+from seqvis.train.trainer import forward_flops_per_example
+
+
+def _configs():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "vit.py")
+    spec = importlib.util.spec_from_file_location("vit_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    default = mod.get_config()
+    ti4 = mod.get_config("Ti/4,cifar10")
+    ti4.batch_size = 64
+    return {"default": default, "ti4_32": ti4}
+
+
+def bench(name: str, config: ml_collections.ConfigDict, steps: int) -> list[dict]:
+    task = get_task(config)
+    sched = optim.make_schedule(config.schedule, 10 * max(config.schedule.warmup_steps, 1) + 10)
+    tx = optim.make_optimizer(config.optimizer, sched)
+    n_dev = jax.local_device_count()
+    batch = int(config.batch_size)
+    per_dev = batch // n_dev
+    dummy = task.dummy_batch(per_dev)
+    state = jax.device_get(step_lib.create_state(task, tx, 0, dummy))
+    flops = forward_flops_per_example(task, {"params": state.params, **state.model_state},
+                                      jax.tree.map(np.asarray, dummy))
+    driver = step_lib.PmapDriver(step_lib.make_train_step(task, tx, sched), step_lib.make_eval_step(task))
+    rng = np.random.default_rng(0)
+    h, w, c = config.data.image_shape
+    data = {"image": rng.normal(size=(n_dev, per_dev, h, w, c)).astype(np.float32),
+            "label": rng.integers(0, config.data.num_classes, (n_dev, per_dev)).astype(np.int32),
+            "mask": np.ones((n_dev, per_dev), np.float32)}
+    s = driver.put_state(state)
+    t = time.time()
+    s, m = driver.train(s, data)
+    jax.block_until_ready(s)
+    compile_s = time.time() - t
+    t = time.time()
+    for _ in range(steps):
+        s, m = driver.train(s, data)
+    jax.block_until_ready(s)
+    train_ips = steps * batch / (time.time() - t)
+
+    fwd = jax.pmap(lambda v, x: task.model.apply(v, x, train=False))
+    variables = step_lib.replicate({"params": state.params, **state.model_state}, jax.local_devices())
+    jax.block_until_ready(fwd(variables, data["image"]))
+    t = time.time()
+    for _ in range(steps):
+        out = fwd(variables, data["image"])
+    jax.block_until_ready(out)
+    infer_ips = steps * batch / (time.time() - t)
+
+    common = {"model": name, "variant": config.model.variant, "image_shape": list(config.data.image_shape),
+              "batch": batch, "devices": n_dev, "backend": jax.default_backend(), "cpu": platform.processor() or platform.machine(),
+              "gflops_per_image": None if flops is None else flops / 1e9}
+    rows = [dict(common, mode="train", img_per_sec=train_ips, compile_seconds=compile_s,
+                 achieved_gflops_per_sec=None if flops is None else 3 * flops * train_ips / 1e9),
+            dict(common, mode="inference", img_per_sec=infer_ips,
+                 achieved_gflops_per_sec=None if flops is None else flops * infer_ips / 1e9)]
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--models", default="default,ti4_32")
+    args = ap.parse_args()
+    configs = _configs()
+    for name in args.models.split(","):
+        if name not in configs:
+            raise SystemExit(f"--models: unknown {name!r}; valid: {', '.join(configs)}")
+        for row in bench(name, configs[name], args.steps):
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
