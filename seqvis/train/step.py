@@ -143,7 +143,7 @@ def make_eval_step(task):
 
 def replicate(tree: Any, devices) -> Any:
     """One copy of every leaf per device, stacked on a leading axis, laid out as pmap wants."""
-    sharding = NamedSharding(Mesh(np.asarray(devices), ("replica",)), P("replica"))
+    sharding = NamedSharding(Mesh(np.asarray(devices), (AXIS,)), P(AXIS))  # as pmap outputs it
     n = len(devices)
     return jax.tree.map(
         lambda x: jax.device_put(np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)), sharding), tree)
@@ -156,6 +156,7 @@ class PmapDriver:
 
     def __init__(self, train_step, eval_step):
         self.devices = jax.local_devices()
+        self.batch_sharding = NamedSharding(Mesh(np.asarray(self.devices), (AXIS,)), P(AXIS))
         self._train = jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0,))
         self._eval = jax.pmap(eval_step, axis_name=AXIS)
 
@@ -167,14 +168,19 @@ class PmapDriver:
         return jax.device_get(jax.tree.map(lambda x: x[0], state))
 
     def put_batch(self, batch):
-        return batch  # pmap splits the leading axis over the local devices itself
+        # Same sharding (mesh axis name included) as pmap gives its outputs: a mismatch
+        # between state and batch layouts costs a recompile on the second step.
+        return jax.device_put(batch, self.batch_sharding)
 
     def train(self, state, batch):
-        state, metrics = self._train(state, batch)
-        return state, jax.tree.map(lambda x: x[0], metrics)
+        return self._train(state, batch)  # metrics keep their device axis until fetched
 
     def evaluate(self, state, batch):
-        return jax.tree.map(lambda x: x[0], self._eval(state, batch))
+        return self._eval(state, batch)
+
+    def fetch(self, metrics):
+        """Device metrics -> host floats. (Slicing on device would cost a dispatch per leaf per step.)"""
+        return jax.tree.map(lambda x: np.asarray(x)[0], jax.device_get(metrics))
 
 
 class MeshDriver:
@@ -210,6 +216,9 @@ class MeshDriver:
 
     def evaluate(self, state, batch):
         return self._eval(state, batch)
+
+    def fetch(self, metrics):
+        return jax.tree.map(np.asarray, jax.device_get(metrics))
 
 
 DRIVERS = {"pmap": PmapDriver, "mesh": MeshDriver}

@@ -96,8 +96,7 @@ def forward_flops_per_example(task, params_and_state: dict, batch: dict) -> floa
     return float(cost["flops"]) / inputs[0].shape[0]
 
 
-def _mean_metrics(history: list[dict]) -> dict[str, float]:
-    host = jax.device_get(history)
+def _mean_metrics(host: list[dict]) -> dict[str, float]:
     keys = [k for k in host[0] if k not in ("count", "bad_step")]
     return {k: float(np.mean([h[k] for h in host])) for k in keys}
 
@@ -107,7 +106,7 @@ def evaluate(task, driver, state, config, data_lib) -> dict[str, float]:
     totals: dict[str, float] = {}
     it = data_lib.eval_iterator(config.data, global_batch_size=int(config.get("eval_batch_size", config.batch_size)))
     for batch in it:
-        sums = jax.device_get(driver.evaluate(state, driver.put_batch(batch)))
+        sums = driver.fetch(driver.evaluate(state, driver.put_batch(batch)))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     count = totals.pop("count", 0.0)
@@ -214,7 +213,8 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at_step: int | None = 
                 jax.block_until_ready(state)
                 return None
             if done % log_every == 0 or done == total_steps:
-                bad = int(jax.device_get(history[-1]["bad_step"]))
+                history = driver.fetch(history)
+                bad = int(history[-1]["bad_step"])
                 if bad >= 0:
                     good = [s for s in ckpt.steps() if s <= bad]
                     raise FloatingPointError(
