@@ -16,6 +16,8 @@ setup(
         "tensorflow-datasets>=4.9.6",
         "ml-collections>=0.1.1",
         "absl-py",
+        "tensorboard",  # tf.summary event files (not bundled with tensorflow-cpu)
+        "importlib_resources",  # needed by tfds dataset preparation (etils.epath)
         "numpy",
     ],
     extras_require={

@@ -1,0 +1,119 @@
+"""Offline Fashion-MNIST / MNIST: tfds builders that read the original IDX files from disk.
+
+Features match the catalogue's ``fashion_mnist`` / ``mnist``: ``image`` 28x28x1 uint8 and a
+10-class ``label``. The files (``train-images-idx3-ubyte[.gz]`` and friends) are looked for
+in ``idx_dir`` (``config.data.idx_dir``), then ``$SEQVIS_IDX_DIR``, then (Fashion-MNIST) the
+Debian package location ``/usr/share/datasets/fashion-mnist``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                 "Bag", "Ankle boot"]
+FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+DEBIAN_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
+_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class IdxError(ValueError):
+    pass
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) into a numpy array, validating the header."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
+        raise IdxError(f"{path} is not an IDX file (bad magic number {data[:4].hex()}); re-download it.")
+    ndim = data[3]
+    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    dtype = np.dtype(_DTYPES[data[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    body = data[4 + 4 * ndim:]
+    if len(body) != expected:
+        raise IdxError(f"{path}: header says shape {dims} ({expected} bytes) but the file holds {len(body)} "
+                       "bytes; the file is truncated or corrupt, re-download it.")
+    return np.frombuffer(body, dtype).reshape(dims)
+
+
+def _find(directory: str, stem: str) -> str | None:
+    for name in (stem + ".gz", stem):
+        p = os.path.join(directory, name)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def find_idx_dir(dataset: str, idx_dir: str | None = None) -> str:
+    """First directory holding all four IDX files, or an error saying how to get them."""
+    candidates = [d for d in (idx_dir, os.environ.get("SEQVIS_IDX_DIR"), DEBIAN_DIRS.get(dataset)) if d]
+    stems = [s for pair in FILES.values() for s in pair]
+    for d in candidates:
+        if all(_find(d, s) for s in stems):
+            return d
+    how = ("`apt-get install dataset-fashion-mnist` (Debian/Ubuntu) puts them in /usr/share/datasets/fashion-mnist"
+           if dataset == "fashion_mnist" else
+           f"download them from the {dataset.replace('_', '-')} website")
+    raise FileNotFoundError(
+        f"{dataset}: the IDX files {', '.join(s + '[.gz]' for s in stems)} were not found in "
+        f"{', '.join(candidates) or '(no directory configured)'}. Get them: {how}; or put the four files in a "
+        "directory and set --config.data.idx_dir=DIR (or the SEQVIS_IDX_DIR environment variable).")
+
+
+def load_split(dataset: str, split: str, idx_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    d = find_idx_dir(dataset, idx_dir)
+    images = read_idx(_find(d, FILES[split][0]))
+    labels = read_idx(_find(d, FILES[split][1]))
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != (images.shape[0],):
+        raise IdxError(f"{d}: {split} images {images.shape} / labels {labels.shape} are not N x 28 x 28 / N.")
+    return images, labels
+
+
+class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+    DATASET = ""
+    NAMES: list[str] = []
+
+    def __init__(self, *, idx_dir: str | None = None, **kwargs):
+        self._idx_dir = idx_dir or None
+        super().__init__(**kwargs)
+
+    def _info(self):
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(28, 28, 1)),
+                "label": tfds.features.ClassLabel(names=self.NAMES)}),
+            supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        find_idx_dir(self.DATASET, self._idx_dir)  # fail early with the message
+        return {split: self._generate_examples(split) for split in FILES}
+
+    def _generate_examples(self, split):
+        images, labels = load_split(self.DATASET, split, self._idx_dir)
+        for i in range(images.shape[0]):
+            yield i, {"image": images[i][..., None], "label": int(labels[i])}
+
+
+class FashionMnistIdx(_IdxBuilder):
+    """Fashion-MNIST from local IDX files (same features as tfds ``fashion_mnist``)."""
+
+    DATASET = "fashion_mnist"
+    NAMES = FASHION_NAMES
+
+
+class MnistIdx(_IdxBuilder):
+    """MNIST from local IDX files (same features as tfds ``mnist``)."""
+
+    DATASET = "mnist"
+    NAMES = [str(i) for i in range(10)]

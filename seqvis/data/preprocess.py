@@ -1,0 +1,240 @@
+"""Preprocessing ops chosen from the config: ``"decode|random_crop(28, pad=2)|flip_lr|value_range(-1, 1)"``.
+
+Ops are separated by ``|``; each is ``name`` or ``name(args)`` with literal arguments
+(parsed with ``ast``, never evaluated). Each op maps a feature dict of tf tensors to a
+feature dict, inside tf.data. Random ops draw from ``tf.random.stateless_*`` with the
+per-example seed the pipeline stores in ``ex['_seed']``, so an example's augmentation
+depends only on (run seed, epoch, position), never on threads or on resuming.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any, Callable
+
+import numpy as np
+
+OPS: dict[str, Callable[..., Callable[[dict], dict]]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        OPS[name] = fn
+        return fn
+
+    return deco
+
+
+def _tf():
+    import tensorflow as tf
+
+    return tf
+
+
+def parse(spec: str, field: str = "pp") -> list[Callable[[dict], dict]]:
+    """``"a|b(1, k=2)"`` -> list of per-example functions."""
+    ops = []
+    for i, part in enumerate(p.strip() for p in (spec or "").split("|")):
+        if not part:
+            continue
+        try:
+            node = ast.parse(part, mode="eval").body
+        except SyntaxError as e:
+            raise ValueError(f"{field}: cannot parse op {part!r}: {e.msg}") from e
+        if isinstance(node, ast.Name):
+            name, args, kwargs = node.id, [], {}
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            name = node.func.id
+            try:
+                args = [ast.literal_eval(a) for a in node.args]
+                kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+            except ValueError as e:
+                raise ValueError(f"{field}: op {part!r} may only have literal arguments.") from e
+        else:
+            raise ValueError(f"{field}: op {part!r} is not of the form name or name(args).")
+        if name not in OPS:
+            raise ValueError(f"{field}: unknown op {name!r}; valid ops: {', '.join(sorted(OPS))}.")
+        try:
+            ops.append(OPS[name](*args, **kwargs))
+        except TypeError as e:
+            raise ValueError(f"{field}: bad arguments for op {name!r}: {e}") from e
+    return ops
+
+
+def apply(ops: list[Callable[[dict], dict]], ex: dict) -> dict:
+    for i, op in enumerate(ops):
+        ex = dict(ex)
+        if "_seed" in ex:  # a distinct stream per op position
+            tf = _tf()
+            ex["_op_seed"] = tf.random.experimental.stateless_fold_in(tf.cast(ex["_seed"], tf.int64), i)
+        ex = op(ex)
+    ex.pop("_op_seed", None)
+    return ex
+
+
+def _seed(ex, salt: int = 0):
+    tf = _tf()
+    s = ex.get("_op_seed", ex.get("_seed"))
+    if s is None:
+        raise ValueError("random preprocessing op used without a per-example seed")
+    return tf.random.experimental.stateless_fold_in(tf.cast(s, tf.int64), salt)
+
+
+def _image_op(fn):
+    def op(ex):
+        ex["image"] = fn(ex["image"], ex)
+        return ex
+
+    return op
+
+
+@register("decode")
+def decode(channels: int | None = None):
+    def fn(img, ex):
+        tf = _tf()
+        if img.dtype == tf.string:
+            img = tf.io.decode_image(img, channels=channels or 0, expand_animations=False)
+        return img
+
+    return _image_op(fn)
+
+
+@register("resize")
+def resize(size, method: str = "bilinear"):
+    h, w = (size, size) if isinstance(size, int) else size
+
+    def fn(img, ex):
+        tf = _tf()
+        dtype = img.dtype
+        out = tf.image.resize(img, (h, w), method=method)
+        return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), dtype) if dtype == tf.uint8 else tf.cast(out, dtype)
+
+    return _image_op(fn)
+
+
+@register("random_crop")
+def random_crop(size, pad: int = 0):
+    h, w = (size, size) if isinstance(size, int) else size
+
+    def fn(img, ex):
+        tf = _tf()
+        if pad:
+            img = tf.pad(img, [[pad, pad], [pad, pad], [0, 0]])
+        c = tf.shape(img)[-1]
+        return tf.image.stateless_random_crop(img, tf.stack([h, w, c]), seed=_seed(ex))
+
+    return _image_op(fn)
+
+
+@register("central_crop")
+def central_crop(size):
+    h, w = (size, size) if isinstance(size, int) else size
+
+    def fn(img, ex):
+        tf = _tf()
+        s = tf.shape(img)
+        top, left = (s[0] - h) // 2, (s[1] - w) // 2
+        return img[top:top + h, left:left + w]
+
+    return _image_op(fn)
+
+
+@register("inception_crop")
+def inception_crop(size, area_min: float = 5, area_max: float = 100):
+    h, w = (size, size) if isinstance(size, int) else size
+
+    def fn(img, ex):
+        tf = _tf()
+        begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            tf.shape(img), tf.zeros([0, 0, 4], tf.float32), seed=_seed(ex),
+            area_range=(area_min / 100, area_max / 100), min_object_covered=0, use_image_if_no_bounding_boxes=True)
+        crop = tf.slice(img, begin, crop_size)
+        dtype = img.dtype
+        out = tf.image.resize(crop, (h, w))
+        return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), dtype) if dtype == tf.uint8 else out
+
+    return _image_op(fn)
+
+
+@register("flip_lr")
+def flip_lr():
+    def fn(img, ex):
+        return _tf().image.stateless_random_flip_left_right(img, seed=_seed(ex))
+
+    return _image_op(fn)
+
+
+@register("value_range")
+def value_range(vmin: float = -1.0, vmax: float = 1.0, in_min: float = 0.0, in_max: float = 255.0):
+    def fn(img, ex):
+        tf = _tf()
+        x = tf.cast(img, tf.float32)
+        return vmin + (x - in_min) * (vmax - vmin) / (in_max - in_min)
+
+    return _image_op(fn)
+
+
+@register("normalize")
+def normalize(mean, std):
+    def fn(img, ex):
+        tf = _tf()
+        return (tf.cast(img, tf.float32) - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+    return _image_op(fn)
+
+
+@register("grayscale_to_rgb")
+def grayscale_to_rgb():
+    def fn(img, ex):
+        tf = _tf()
+        return tf.cond(tf.shape(img)[-1] == 1, lambda: tf.image.grayscale_to_rgb(img), lambda: img)
+
+    return _image_op(fn)
+
+
+@register("onehot")
+def onehot(num_classes: int, key: str = "label", key_result: str = "labels", on: float = 1.0, off: float = 0.0):
+    def op(ex):
+        tf = _tf()
+        ex[key_result] = tf.one_hot(ex[key], num_classes, on_value=on, off_value=off)
+        return ex
+
+    return op
+
+
+@register("keep")
+def keep(*keys):
+    def op(ex):
+        return {k: v for k, v in ex.items() if k in keys or k.startswith("_")}
+
+    return op
+
+
+@register("randaugment")
+def randaugment(num_layers: int = 2, magnitude: int = 10):
+    from seqvis.data import randaugment as ra
+
+    def fn(img, ex):
+        return ra.randaugment(img, num_layers, magnitude, _seed(ex))
+
+    return _image_op(fn)
+
+
+def mixup(batch: dict, *, seed: tuple[int, int], alpha: float, p: float = 1.0, num_classes: int) -> dict:
+    """Mix each example with its neighbour (batch rolled by one) with λ ~ Beta(α, α).
+
+    ``image = λ·x + (1-λ)·roll(x)``, ``labels = λ·y + (1-λ)·roll(y)`` (one-hot); applied with
+    probability p per batch, deterministic from ``seed`` (run seed, step). ``mixup_lambda``
+    records λ.
+    """
+    rng = np.random.default_rng(list(seed))
+    lam = float(rng.beta(alpha, alpha)) if rng.random() < p else 1.0
+    out = dict(batch)
+    labels = batch.get("labels")
+    if labels is None:
+        labels = np.eye(num_classes, dtype=np.float32)[batch["label"]]
+    x = batch["image"].astype(np.float32)
+    out["image"] = lam * x + (1.0 - lam) * np.roll(x, 1, axis=0)
+    out["labels"] = (lam * labels + (1.0 - lam) * np.roll(labels, 1, axis=0)).astype(np.float32)
+    out["mixup_lambda"] = np.full(len(x), lam, np.float32)
+    return out
