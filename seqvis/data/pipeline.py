@@ -45,12 +45,28 @@ def get_builder(cfg: Any):
 
         cls = {"fashion_mnist_idx": idx.FashionMnistIdx, "mnist_idx": idx.MnistIdx}[name]
         builder = cls(idx_dir=cfg.get("idx_dir") or None, data_dir=data_dir)
-        builder.download_and_prepare()
+        _prepare_once(builder)
         return builder
     try:
         return tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # noqa: BLE001 - unknown names, bad versions
         raise DataError(f"config.data.name={name!r}: {e}") from e
+
+
+def _prepare_once(builder) -> None:
+    """Prepare a local builder; with several processes, process 0 writes while the others wait."""
+    import jax
+
+    if jax.process_count() == 1:
+        builder.download_and_prepare()
+        return
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        builder.download_and_prepare()
+    multihost_utils.sync_global_devices(f"seqvis_prepare_{builder.name}")
+    if jax.process_index() != 0:
+        builder.download_and_prepare()  # a no-op now: the data is there
 
 
 def _not_prepared(name: str, data_dir: str | None, err: Exception) -> DataError:

@@ -120,8 +120,9 @@ def random_crop(size, pad: int = 0):
         tf = _tf()
         if pad:
             img = tf.pad(img, [[pad, pad], [pad, pad], [0, 0]])
-        c = tf.shape(img)[-1]
-        return tf.image.stateless_random_crop(img, tf.stack([h, w, c]), seed=_seed(ex))
+        c = img.shape[-1] if img.shape[-1] is not None else tf.shape(img)[-1]
+        out = tf.image.stateless_random_crop(img, tf.stack([h, w, c]), seed=_seed(ex))
+        return tf.ensure_shape(out, [h, w, img.shape[-1]])
 
     return _image_op(fn)
 
@@ -149,6 +150,7 @@ def inception_crop(size, area_min: float = 5, area_max: float = 100):
             tf.shape(img), tf.zeros([0, 0, 4], tf.float32), seed=_seed(ex),
             area_range=(area_min / 100, area_max / 100), min_object_covered=0, use_image_if_no_bounding_boxes=True)
         crop = tf.slice(img, begin, crop_size)
+        crop.set_shape([None, None, img.shape[-1]])  # keep the static channel count
         dtype = img.dtype
         out = tf.image.resize(crop, (h, w))
         return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), dtype) if dtype == tf.uint8 else out

@@ -132,6 +132,9 @@ def randaugment(img, num_layers: int, magnitude: float, seed):
     """``img`` uint8 ``[H, W, C]`` -> uint8, ``num_layers`` random ops at ``magnitude``."""
     if img.dtype != tf.uint8:
         raise ValueError("randaugment works on uint8 images: put it before value_range/normalize in the pp string.")
+    if img.shape.rank != 3 or img.shape[-1] not in (1, 3):
+        raise ValueError(f"randaugment needs an image [H, W, 1 or 3] with a known channel count, got {img.shape}; "
+                         "decode with channels=3 (decode(3)) before it in the pp string.")
     m = tf.constant(float(magnitude))
     for layer in range(num_layers):
         lseed = tf.random.experimental.stateless_fold_in(seed, layer)

@@ -69,7 +69,7 @@ def maybe_initialize_distributed(config: Any) -> None:
     dist = config.get("distributed", None)
     if not dist or not dist.get("coordinator_address"):
         return
-    if jax.process_count() > 1:  # already initialised (e.g. by the caller)
+    if jax.distributed.is_initialized():  # e.g. by the caller
         return
     if dist.get("cpu_collectives"):
         jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
@@ -127,8 +127,8 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at_step: int | None = 
     """
     from seqvis.data import pipeline as data_lib  # tensorflow only when training
 
+    maybe_initialize_distributed(config)  # before anything touches the devices
     check_config(config)
-    maybe_initialize_distributed(config)
     chief = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     config_dict = config_to_dict(config)
@@ -138,10 +138,10 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at_step: int | None = 
 
     # ---------------------------------------------------------------- input
     global_batch = int(config.batch_size)
-    n_train = data_lib.num_examples(config.data, config.data.get("train_split", "train"))
     if config.get("total_steps"):
         total_steps = int(config.total_steps)
     else:
+        n_train = data_lib.num_examples(config.data, config.data.get("train_split", "train"))
         total_steps = int(math.ceil(float(config.num_epochs) * n_train / global_batch))
 
     # ---------------------------------------------------------------- model and optimiser
