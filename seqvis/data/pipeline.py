@@ -44,29 +44,30 @@ def get_builder(cfg: Any):
         from seqvis.data.builders import idx
 
         cls = {"fashion_mnist_idx": idx.FashionMnistIdx, "mnist_idx": idx.MnistIdx}[name]
-        builder = cls(idx_dir=cfg.get("idx_dir") or None, data_dir=data_dir)
-        _prepare_once(builder)
-        return builder
+        return _prepare_once(lambda: cls(idx_dir=cfg.get("idx_dir") or None, data_dir=data_dir))
     try:
         return tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # noqa: BLE001 - unknown names, bad versions
         raise DataError(f"config.data.name={name!r}: {e}") from e
 
 
-def _prepare_once(builder) -> None:
-    """Prepare a local builder; with several processes, process 0 writes while the others wait."""
+def _prepare_once(make_builder):
+    """Build and prepare a local builder; with several processes, process 0 writes while the others wait.
+
+    The other processes construct their builder only after the files exist: a builder made
+    earlier would keep the empty dataset info it read at construction.
+    """
     import jax
 
-    if jax.process_count() == 1:
-        builder.download_and_prepare()
-        return
-    from jax.experimental import multihost_utils
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-    if jax.process_index() == 0:
-        builder.download_and_prepare()
-    multihost_utils.sync_global_devices(f"seqvis_prepare_{builder.name}")
-    if jax.process_index() != 0:
-        builder.download_and_prepare()  # a no-op now: the data is there
+        if jax.process_index() == 0:
+            make_builder().download_and_prepare()
+        multihost_utils.sync_global_devices("seqvis_prepare_local_dataset")
+    builder = make_builder()
+    builder.download_and_prepare()  # a no-op when the data is already there
+    return builder
 
 
 def _not_prepared(name: str, data_dir: str | None, err: Exception) -> DataError:

@@ -1,0 +1,101 @@
+"""Two processes on localhost (jax.distributed, 2 CPU devices each) == one process with 4 devices.
+
+Each step uses the whole (tiny) training split as the global batch, so both setups see the
+same examples every step whatever the per-process sharding; with SGD the parameters must
+then agree up to float summation order.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from seqvis.train.pretrained import _read as read_checkpoint_params
+
+from test_train import toy_split, write_idx
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 64
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    from seqvis.data.presets import data_config
+    from seqvis.train.defaults import base_config
+    from seqvis.train.trainer import train_and_evaluate
+    idx_dir, workdir, coordinator, nproc, pid = sys.argv[1:6]
+    c = base_config()
+    c.data = data_config("fashion_mnist", idx_dir=idx_dir, data_dir=workdir + "_tfds",
+                         pp_train="decode|value_range(-1, 1)", train_split="train")
+    c.model = dict(name="vit", variant="mu/7", width=32, depth=1, mlp_dim=64, num_heads=2)
+    c.batch_size = %d
+    c.eval_batch_size = 16
+    c.total_steps = 5
+    c.optimizer.update(name="sgd", momentum=0.9, weight_decay=0.0)
+    c.schedule.update(name="constant", base_lr=0.05, warmup_steps=0)
+    c.checkpoint_every_steps = 5
+    c.log_every_steps = 5
+    c.progress = False
+    c.async_checkpointing = False
+    if coordinator:
+        c.distributed.coordinator_address = coordinator
+        c.distributed.num_processes = int(nproc)
+        c.distributed.process_id = int(pid)
+    r = train_and_evaluate(c, workdir)
+    print("RESULT " + json.dumps({"num_examples": r["num_examples"], "loss": r["loss"]}))
+""" % N)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _result(out):
+    line = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    assert line, out[-3000:]
+    return json.loads(line[-1][len("RESULT "):])
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    for prefix, n, seed in (("train", N, 0), ("t10k", 37, 1)):
+        images, labels = toy_split(n, seed)
+        write_idx(idx / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(idx / f"{prefix}-labels-idx1-ubyte.gz", labels)
+
+    single = subprocess.run([sys.executable, "-c", WORKER, str(idx), str(tmp_path / "one"), "", "1", "0"],
+                            env=_env(4), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    coordinator = f"localhost:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(idx), str(tmp_path / "two"), coordinator, "2",
+                               str(i)], env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+
+    r1 = _result(single.stdout)
+    r2 = [_result(out) for out, _ in outs]
+    assert r1["num_examples"] == 37 and all(r["num_examples"] == 37 for r in r2)
+    assert r2[0]["loss"] == pytest.approx(r1["loss"], rel=1e-4)
+    p1 = read_checkpoint_params(str(tmp_path / "one"))
+    p2 = read_checkpoint_params(str(tmp_path / "two"))
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
