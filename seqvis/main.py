@@ -33,8 +33,12 @@ def main(argv):
 
     try:
         results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, CheckpointError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+    except (ConfigError, CheckpointError, FloatingPointError, ValueError, FileNotFoundError) as e:
+        # Errors a user can cause carry a message naming the field and the fix; the
+        # traceback would only bury it. SEQVIS_TRACEBACK=1 shows it anyway.
+        if os.environ.get("SEQVIS_TRACEBACK"):
+            raise
+        sys.exit(f"error: {e}\n(set SEQVIS_TRACEBACK=1 to see the traceback)")
     if results is not None:
         print(json.dumps({k: results[k] for k in results if not isinstance(results[k], (list, dict))}, indent=2))
         if "accuracy" in results:

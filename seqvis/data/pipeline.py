@@ -19,7 +19,7 @@ import numpy as np
 
 from seqvis.data import preprocess
 
-LOCAL_BUILDERS = ("fashion_mnist_idx", "mnist_idx")
+from seqvis.data.builders import LOCAL_BUILDERS, local_builder_class
 
 
 class DataError(ValueError):
@@ -41,10 +41,9 @@ def get_builder(cfg: Any):
         raise DataError("config.data.name is missing; e.g. fashion_mnist_idx (offline) or cifar10.")
     data_dir = cfg.get("data_dir") or None
     if name in LOCAL_BUILDERS:
-        from seqvis.data.builders import idx
-
-        cls = {"fashion_mnist_idx": idx.FashionMnistIdx, "mnist_idx": idx.MnistIdx}[name]
-        return _prepare_once(lambda: cls(idx_dir=cfg.get("idx_dir") or None, data_dir=data_dir))
+        cls = local_builder_class(name)
+        kwargs = dict(cfg.get("builder_kwargs", None) or {})
+        return _prepare_once(lambda: cls(idx_dir=cfg.get("idx_dir") or None, data_dir=data_dir, **kwargs))
     try:
         return tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # noqa: BLE001 - unknown names, bad versions
@@ -121,8 +120,12 @@ def _to_devices(batch: dict, devices: int) -> dict:
 
 def train_iterator(cfg: Any, *, global_batch_size: int, seed: int, start_step: int = 0,
                    process_index: int | None = None, process_count: int | None = None,
-                   local_device_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Endless iterator of training batches starting at ``start_step``."""
+                   local_device_count: int | None = None,
+                   extra_ops: tuple = ()) -> Iterator[dict[str, np.ndarray]]:
+    """Endless iterator of training batches starting at ``start_step``.
+
+    ``extra_ops`` (functions example -> example, from the task) run after the config's ops.
+    """
     tf = _tf()
     pi, pc, nd = _defaults(process_index, process_count, local_device_count)
     if global_batch_size % pc or (global_batch_size // pc) % nd:
@@ -131,7 +134,7 @@ def train_iterator(cfg: Any, *, global_batch_size: int, seed: int, start_step: i
     per_proc = global_batch_size // pc
     split = process_split(cfg.get("train_split", "train"), pi, pc)
     builder = get_builder(cfg)
-    ops = preprocess.parse(cfg.get("pp_train", "decode"), field="config.data.pp_train")
+    ops = preprocess.parse(cfg.get("pp_train", "decode"), field="config.data.pp_train") + list(extra_ops)
     base = _as_dataset(builder, split, cfg)
     if cfg.get("cache", True):
         base = base.cache()
@@ -166,7 +169,8 @@ def train_iterator(cfg: Any, *, global_batch_size: int, seed: int, start_step: i
 
 def eval_iterator(cfg: Any, *, global_batch_size: int, split: str | None = None,
                   process_index: int | None = None, process_count: int | None = None,
-                  local_device_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                  local_device_count: int | None = None,
+                  extra_ops: tuple = ()) -> Iterator[dict[str, np.ndarray]]:
     """Every example of the split exactly once; the last batch padded with ``mask = 0``."""
     tf = _tf()
     pi, pc, nd = _defaults(process_index, process_count, local_device_count)
@@ -176,7 +180,7 @@ def eval_iterator(cfg: Any, *, global_batch_size: int, split: str | None = None,
     per_proc = global_batch_size // pc
     split = split or cfg.get("eval_split", "test")
     builder = get_builder(cfg)
-    ops = preprocess.parse(cfg.get("pp_eval", "decode"), field="config.data.pp_eval")
+    ops = preprocess.parse(cfg.get("pp_eval", "decode"), field="config.data.pp_eval") + list(extra_ops)
     ds = _as_dataset(builder, process_split(split, pi, pc), cfg)
     ds = ds.map(lambda ex: preprocess.apply(ops, {**ex, "_seed": tf.constant([0, 0], tf.int64)}),
                 num_parallel_calls=tf.data.AUTOTUNE)

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import optax
 
 TASKS: dict[str, Callable[[Any], "Task"]] = {}
+# Tasks that live in their own module, imported when a config asks for them.
+TASK_MODULES = {"captioning": "seqvis.train.captioning", "video": "seqvis.train.video"}
 
 
 def register_task(name: str):
@@ -32,8 +34,12 @@ def register_task(name: str):
 
 def get_task(config: Any) -> "Task":
     name = config.get("task", "classification")
+    if name not in TASKS and name in TASK_MODULES:
+        import importlib
+
+        importlib.import_module(TASK_MODULES[name])
     if name not in TASKS:
-        raise ValueError(f"config.task={name!r} is unknown; valid tasks: {sorted(TASKS)}.")
+        raise ValueError(f"config.task={name!r} is unknown; valid tasks: {sorted(set(TASKS) | set(TASK_MODULES))}.")
     return TASKS[name](config)
 
 
@@ -63,6 +69,21 @@ class Task:
     def model_inputs(self, batch: dict[str, jax.Array]) -> tuple:
         """The positional inputs of the forward pass (used for FLOP counting)."""
         raise NotImplementedError
+
+    # ---- optional hooks (defaults do nothing) ----
+
+    def setup(self, workdir: str, data_lib: Any) -> None:
+        """Called once before any data is read, on every process (e.g. build or load a vocabulary
+        kept in ``workdir``, so that it is restored with the checkpoints)."""
+
+    def pp_ops(self, train: bool) -> list[Callable[[dict], dict]]:
+        """Extra tf.data ops (example dict -> example dict) run after ``config.data.pp_*``."""
+        return []
+
+    def final_evaluation(self, variables: dict, config: Any, workdir: str, data_lib: Any) -> dict[str, Any]:
+        """Task-specific evaluation after training (host-side ``variables``: params and model
+        state, one copy). Its dict is merged into ``results.json``."""
+        return {}
 
 
 def build_classifier(model_cfg: Any, num_classes: int) -> nn.Module:

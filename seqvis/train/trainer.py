@@ -104,7 +104,8 @@ def _mean_metrics(host: list[dict]) -> dict[str, float]:
 def evaluate(task, driver, state, config, data_lib) -> dict[str, float]:
     """Masked sums over every example of the eval split exactly once."""
     totals: dict[str, float] = {}
-    it = data_lib.eval_iterator(config.data, global_batch_size=int(config.get("eval_batch_size", config.batch_size)))
+    it = data_lib.eval_iterator(config.data, global_batch_size=int(config.get("eval_batch_size", config.batch_size)),
+                                extra_ops=tuple(task.pp_ops(train=False)))
     for batch in it:
         sums = driver.fetch(driver.evaluate(state, driver.put_batch(batch)))
         for k, v in sums.items():
@@ -146,6 +147,7 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at_step: int | None = 
 
     # ---------------------------------------------------------------- model and optimiser
     task = get_task(config)
+    task.setup(workdir, data_lib)
     schedule = optim.make_schedule(config.schedule, total_steps)
     tx = optim.make_optimizer(config.optimizer, schedule)
     per_device = global_batch // jax.device_count()
@@ -200,7 +202,7 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at_step: int | None = 
 
     # ---------------------------------------------------------------- loop
     it = data_lib.train_iterator(config.data, global_batch_size=global_batch, seed=int(config.get("seed", 0)),
-                                 start_step=start_step)
+                                 start_step=start_step, extra_ops=tuple(task.pp_ops(train=True)))
     history: list[dict] = []
     t_log, last_log_step = time.time(), start_step
     try:
@@ -244,7 +246,9 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at_step: int | None = 
         # ------------------------------------------------------------ final evaluation
         ev = evaluate(task, driver, state, config, data_lib)
         writer.write(total_steps, ev, prefix="eval/")
-        results = {**ev, "steps": total_steps, "examples_seen": total_steps * global_batch,
+        host = driver.get_state(state)
+        extra = task.final_evaluation({"params": host.params, **host.model_state}, config, workdir, data_lib)
+        results = {**ev, **extra, "steps": total_steps, "examples_seen": total_steps * global_batch,
                    "train_seconds": seconds,
                    "gflops_per_example": None if flops is None else flops / 1e9, "params": n_params}
         if chief:

@@ -1,1 +1,19 @@
-"""tfds builders for data that must work offline."""
+"""tfds builders for data that must work offline.
+
+``LOCAL_BUILDERS`` maps a ``config.data.name`` to ``(module, class)``; the pipeline builds
+the class with ``idx_dir``, ``data_dir`` and ``**config.data.builder_kwargs`` and prepares
+it (once per data_dir). Builders whose output depends on generation parameters must put
+those parameters in their BuilderConfig name, so another setting never reuses stale data.
+"""
+
+LOCAL_BUILDERS: dict[str, tuple[str, str]] = {
+    "fashion_mnist_idx": ("seqvis.data.builders.idx", "FashionMnistIdx"),
+    "mnist_idx": ("seqvis.data.builders.idx", "MnistIdx"),
+}
+
+
+def local_builder_class(name: str):
+    import importlib
+
+    module, cls = LOCAL_BUILDERS[name]
+    return getattr(importlib.import_module(module), cls)
