@@ -39,6 +39,16 @@ PRESETS: dict[str, dict] = {
         name="oxford_iiit_pet", image_shape=(224, 224, 3), num_classes=37, train_split="train",
         eval_split="test", pp_train="decode|inception_crop(224)|flip_lr|value_range(-1, 1)",
         pp_eval="decode|resize(224)|value_range(-1, 1)"),
+    # Captioning (task 'captioning'). Offline: scenes of 2-3 tinted Fashion-MNIST items with 5
+    # captions each (seqvis.data.builders.fashion_scenes). No flips: captions say left and right.
+    "fashion_scenes": dict(
+        name="fashion_scenes", image_shape=(84, 84, 3), train_split="train", eval_split="test",
+        builder_kwargs=dict(num_train=20_000, num_test=2_000, canvas=84, min_items=2, max_items=3, seed=0),
+        pp_train="decode|value_range(-1, 1)", pp_eval="decode|value_range(-1, 1)"),
+    # COCO captions 2014, Karpathy splits (tfds catalogue; prepare with `tfds build coco_captions`).
+    "coco_captions": dict(
+        name="coco_captions", image_shape=(224, 224, 3), train_split="train+restval", eval_split="test",
+        pp_train="decode|resize(224)|value_range(-1, 1)", pp_eval="decode|resize(224)|value_range(-1, 1)"),
 }
 
 

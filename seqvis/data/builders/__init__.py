@@ -9,6 +9,7 @@ those parameters in their BuilderConfig name, so another setting never reuses st
 LOCAL_BUILDERS: dict[str, tuple[str, str]] = {
     "fashion_mnist_idx": ("seqvis.data.builders.idx", "FashionMnistIdx"),
     "mnist_idx": ("seqvis.data.builders.idx", "MnistIdx"),
+    "fashion_scenes": ("seqvis.data.builders.fashion_scenes", "FashionScenes"),
 }
 
 
