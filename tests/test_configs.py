@@ -17,7 +17,9 @@ from seqvis.train.trainer import train_and_evaluate
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 # Config arguments worth covering beyond the default of each file.
-ARGS = {"vit.py": [None, "Ti/4,cifar10", "S/16,imagenet2012"], "resnet.py": [None, "50,imagenet2012", "26,cifar10,group"]}
+ARGS = {"vit.py": [None, "Ti/4,cifar10", "S/16,imagenet2012"], "resnet.py": [None, "50,imagenet2012", "26,cifar10,group"],
+        "captioning.py": ["show_and_tell", "show_attend_tell", "transformer", "show_attend_tell,coco",
+                          "transformer,coco,vit"]}
 
 
 def load(path, arg):
@@ -33,8 +35,23 @@ def cases():
             yield pytest.param(path, arg, id=f"{os.path.basename(path)}:{arg or ''}")
 
 
+def shrink_captioning(config):
+    enc = config.model.encoder
+    if enc.name == "resnet":
+        enc.update(depth=18, stage_sizes=(1, 1, 1), width=8)
+    else:
+        enc.update(width=16, depth=1, mlp_dim=32, num_heads=2)
+    for field, value in dict(embed_dim=16, hidden_dim=16, attention_dim=16, width=16, mlp_dim=32, num_heads=2,
+                             num_layers=1).items():
+        if field in config.model:
+            config.model[field] = value
+    config.decode.batch_size = 16
+
+
 def shrink(config):
-    if config.model.name == "vit":
+    if config.get("task") == "captioning":
+        shrink_captioning(config)
+    elif config.model.name == "vit":
         config.model.update(width=32, depth=1, mlp_dim=64, num_heads=2)
         if config.model.get("representation_size"):
             config.model.representation_size = 32

@@ -1,0 +1,520 @@
+"""The captioning task: Show and Tell, Show Attend and Tell and a transformer decoder on the shared trainer.
+
+Data. A dataset with an ``image`` and several reference ``captions`` (``fashion_scenes``:
+a string tensor of 5; tfds ``coco_captions``: ``captions/text``). The vocabulary is built
+from the training captions on the first run and kept in ``workdir/vocab.json`` next to the
+checkpoints (a resumed run loads it, so the output layer keeps its meaning). The task's
+tf.data op tokenises: in training one reference drawn per example and epoch from the
+example's seed (``tokens [max_len]``); in evaluation the first ``num_refs`` references
+(``tokens [num_refs, max_len]``, missing ones all ``<pad>``).
+
+Loss (teacher forcing). With inputs ``y_0..y_{T-1}``, targets ``y_1..y_T`` and the mask
+``m_t = [y_t != <pad>]`` (``<eos>`` counts), per caption::
+
+    loss = (Σ_t m_t CE(logits_t, y_t) + λ Σ_i (1 - Σ_t m_t α_ti)²) / Σ_t m_t
+
+— the summed cross-entropy plus the doubly stochastic attention regulariser (Show, Attend
+and Tell; λ = ``config.doubly_stochastic``, only for models with attention), per target
+word, so λ weighs the two terms as the paper's summed loss does. An evaluation example's
+loss and metrics average over its references. Metrics: ``nll`` (mean CE per word),
+``token_accuracy``, and for attention ``attention_reg`` and ``gate`` (mean β).
+
+Final evaluation. The eval split is decoded greedily and with beam search (jit, batched);
+BLEU-1..4 and CIDEr-D against all references
+(:mod:`seqvis.analysis.caption_metrics`); grounding for attention models on datasets with
+item boxes (:mod:`seqvis.analysis.attention_maps`). Writes ``captions_test.json`` (beam,
+COCO results format), ``captions_test_greedy.json`` and ``captions_refs.json`` (COCO
+annotation format); ``results.json`` gets ``greedy_*`` and ``beam_*`` scores and the beam
+scores again without prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from seqvis.data.tokenizer import Tokenizer, VocabularyError
+from seqvis.models import captioning as cap
+from seqvis.train.tasks import Task, register_task
+from seqvis.train.trainer import ConfigError
+
+log = logging.getLogger(__name__)
+
+VOCAB_FILE = "vocab.json"
+ENCODERS = ("resnet", "vit")
+_MODEL_FIELDS = {
+    "show_and_tell": {"embed_dim", "hidden_dim", "pooling", "dropout_rate"},
+    "show_attend_tell": {"embed_dim", "hidden_dim", "attention_dim", "gate", "dropout_rate"},
+    "transformer": {"width", "num_layers", "num_heads", "mlp_dim", "dropout_rate", "attention_dropout_rate"},
+}
+
+
+# ============================================================================ config and model
+
+
+def _as_dict(cfg: Any) -> dict:
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def check_config(config: Any) -> None:
+    """Captioning fields, checked before any data is read or anything is compiled."""
+    model = config.get("model", None)
+    if model is None or model.get("name") not in cap.MODELS:
+        raise ConfigError(f"config.model.name={None if model is None else model.get('name')!r} is not a captioning "
+                          f"model; use one of {sorted(cap.MODELS)}.")
+    extra = set(_as_dict(model)) - _MODEL_FIELDS[model.name] - {"name", "encoder"}
+    if extra:
+        raise ConfigError(f"config.model has field(s) {sorted(extra)} that {model.name} does not use; valid: "
+                          f"{sorted(_MODEL_FIELDS[model.name])} (+ name, encoder).")
+    enc = model.get("encoder", None)
+    if enc is None or enc.get("name") not in ENCODERS:
+        raise ConfigError(f"config.model.encoder.name must be one of {ENCODERS} "
+                          f"(got {None if enc is None else enc.get('name')!r}).")
+    caps = config.get("captions", None)
+    if caps is None:
+        raise ConfigError("config.captions is missing (max_len, min_count, num_refs); see configs/captioning.py.")
+    if int(caps.get("max_len", 0)) < 3:
+        raise ConfigError(f"config.captions.max_len={caps.get('max_len')} must be >= 3 (<bos>, a word, <eos>).")
+    if int(caps.get("num_refs", 0)) < 1:
+        raise ConfigError(f"config.captions.num_refs={caps.get('num_refs')} must be >= 1.")
+    if int(caps.get("min_count", 1)) < 1:
+        raise ConfigError(f"config.captions.min_count={caps.get('min_count')} must be >= 1.")
+    dec = config.get("decode", None)
+    if dec is None:
+        raise ConfigError("config.decode is missing (beam_size, length_penalty, batch_size).")
+    if int(dec.get("beam_size", 0)) < 1:
+        raise ConfigError(f"config.decode.beam_size={dec.get('beam_size')} must be >= 1.")
+    if float(dec.get("length_penalty", 0.0)) < 0:
+        raise ConfigError(f"config.decode.length_penalty={dec.get('length_penalty')} must be >= 0.")
+    nd = jax.local_device_count()
+    if int(dec.get("batch_size", 0)) <= 0 or int(dec.batch_size) % nd:
+        raise ConfigError(f"config.decode.batch_size={dec.get('batch_size')} must be a positive multiple of the "
+                          f"local device count ({nd}).")
+    if float(config.get("doubly_stochastic", 0.0)) < 0:
+        raise ConfigError(f"config.doubly_stochastic={config.get('doubly_stochastic')} must be >= 0.")
+    shape = config.data.get("image_shape", None)
+    if shape is None or len(tuple(shape)) != 3:
+        raise ConfigError(f"config.data.image_shape={shape} must be (H, W, C) after preprocessing.")
+
+
+def build_encoder(enc_cfg: dict) -> nn.Module:
+    cfg = dict(enc_cfg)
+    name = cfg.pop("name")
+    if name == "resnet":
+        from seqvis.models.resnet import ResNetEncoder
+        from seqvis.train.step import AXIS
+
+        if "stage_sizes" in cfg and cfg["stage_sizes"] is not None:
+            cfg["stage_sizes"] = tuple(cfg["stage_sizes"])
+        # Batch statistics over the global batch (synced across devices), as in classification.
+        cfg.setdefault("bn_axis_name", AXIS if cfg.get("norm", "batch") == "batch" else None)
+        try:
+            return ResNetEncoder(**cfg)
+        except TypeError as e:
+            raise ConfigError(f"config.model.encoder: {e}") from e
+    from seqvis.models import vit
+
+    variant = cfg.pop("variant", None)
+    if not variant:
+        raise ConfigError("config.model.encoder.variant is missing; set a ViT name such as 'mu/12'.")
+    return cap.ViTGridEncoder(vit=vit.build(variant, num_classes=None, pool="gap", **cfg))
+
+
+def build_captioner(model_cfg: Any, vocab_size: int, max_positions: int) -> nn.Module:
+    cfg = _as_dict(model_cfg)
+    name = cfg.pop("name")
+    encoder = build_encoder(cfg.pop("encoder"))
+    if name == "transformer":
+        cfg["max_positions"] = max_positions
+    return cap.MODELS[name](encoder=encoder, vocab_size=vocab_size, **cfg)
+
+
+# ============================================================================ tf.data side
+
+
+def caption_texts(ex):
+    """The reference captions of an example as a string tensor ``[n]`` (scenes or COCO layout)."""
+    c = ex["captions"]
+    return c["text"] if isinstance(c, dict) else c
+
+
+def image_id(ex):
+    import tensorflow as tf
+
+    for key in ("image_id", "image/id"):
+        if key in ex:
+            return tf.cast(ex[key], tf.int32)
+    raise KeyError("the dataset has no image id (image_id or image/id)")
+
+
+def token_words(ids, tok: Tokenizer, keep_eos: bool = False) -> list[str]:
+    """Generated ids -> one word per position up to ``<eos>`` (included if ``keep_eos``)."""
+    words = []
+    for i in np.asarray(ids).tolist():
+        if i == tok.eos_id:
+            if keep_eos:
+                words.append("<eos>")
+            break
+        if i == tok.pad_id:
+            break
+        words.append(tok.itos[i])
+    return words
+
+
+# ============================================================================ checkpoints
+
+
+def restore_variables(workdir: str) -> dict:
+    """``{'params', **model_state}`` of the newest checkpoint in a workdir (host arrays)."""
+    import orbax.checkpoint as ocp
+
+    root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {root}; train first with python -m seqvis.main "
+                                f"--config=configs/captioning.py:ARG --workdir={workdir}.")
+    state = ocp.StandardCheckpointer().restore(os.path.join(root, str(steps[-1]), "state"))
+    return {"params": state["params"], **(state.get("model_state") or {})}
+
+
+# ============================================================================ the task
+
+
+@register_task("captioning")
+class CaptioningTask(Task):
+    """Image -> caption with teacher forcing; the model is built in :meth:`setup` (it needs the vocabulary)."""
+
+    def __init__(self, config: Any):
+        check_config(config)
+        self.config = config
+        self.tokenizer: Tokenizer | None = None
+        self._model: nn.Module | None = None
+        self.max_len = int(config.captions.max_len)
+        self.num_refs = int(config.captions.num_refs)
+        enc = config.model.encoder
+        self.mutable_collections = ("batch_stats",) if enc.name == "resnet" and enc.get("norm", "batch") == "batch" \
+            else ()
+        self.reg = float(config.get("doubly_stochastic", 0.0)) if config.model.name == "show_attend_tell" else 0.0
+
+    # ---------------------------------------------------------------- vocabulary and model
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            raise RuntimeError("CaptioningTask.setup(workdir, data_lib) must run first: the model's output "
+                               "layer depends on the vocabulary it builds or loads.")
+        return self._model
+
+    @model.setter
+    def model(self, value):
+        self._model = value
+
+    def set_tokenizer(self, tok: Tokenizer) -> None:
+        self.tokenizer = tok
+        self._model = self.build_model()
+
+    def build_model(self) -> nn.Module:
+        return build_captioner(self.config.model, self.tokenizer.vocab_size, self.max_len - 1)
+
+    def setup(self, workdir: str, data_lib: Any) -> None:
+        path = os.path.join(workdir, VOCAB_FILE)
+        if os.path.exists(path):
+            tok = Tokenizer.load(path)
+            log.info("Loaded the vocabulary (%d ids) from %s", tok.vocab_size, path)
+        else:
+            ckpt_dir = os.path.join(workdir, "checkpoints")
+            if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
+                raise VocabularyError(
+                    f"{ckpt_dir} holds checkpoints but {path} is missing: the checkpoints were trained with that "
+                    "vocabulary. Put it back, or use a new --workdir.")
+            caps = self.config.captions
+            tok = Tokenizer.build(self.train_captions(data_lib), min_count=int(caps.get("min_count", 1)),
+                                  max_words=int(caps.get("max_words", 0)))
+            if jax.process_index() == 0:
+                os.makedirs(workdir, exist_ok=True)
+                tok.save(path)
+            log.info("Built a vocabulary of %d ids from the training captions -> %s", tok.vocab_size, path)
+        self.set_tokenizer(tok)
+
+    def train_captions(self, data_lib: Any) -> list[str]:
+        """Every reference caption of the training split (all processes read all of it: same vocabulary)."""
+        import tensorflow_datasets as tfds
+
+        cfg = self.config.data
+        builder = data_lib.get_builder(cfg)
+        split = cfg.get("train_split", "train")
+        ds = builder.as_dataset(split=split, shuffle_files=False,
+                                decoders=tfds.decode.PartialDecoding({"captions": True}))
+        out: list[str] = []
+        for texts in ds.map(caption_texts).as_numpy_iterator():
+            out.extend(t.decode("utf-8") for t in np.asarray(texts).reshape(-1))
+        return out
+
+    def references(self, data_lib: Any, split: str | None = None) -> dict[int, list[str]]:
+        """``image_id -> [reference captions]`` of the eval split, read on the host."""
+        cfg = self.config.data
+        builder = data_lib.get_builder(cfg)
+        split = split or cfg.get("eval_split", "test")
+        # Decoded like the evaluation pipeline reads it (tfds' mock data differs under partial decoding).
+        ds = builder.as_dataset(split=split, shuffle_files=False)
+        refs: dict[int, list[str]] = {}
+        for i, texts in ds.map(lambda ex: (image_id(ex), caption_texts(ex))).as_numpy_iterator():
+            refs[int(i)] = [t.decode("utf-8") for t in np.asarray(texts).reshape(-1)]
+        return refs
+
+    # ---------------------------------------------------------------- tf.data ops
+    def pp_ops(self, train: bool):
+        tok, max_len, num_refs = self.tokenizer, self.max_len, self.num_refs
+        if tok is None:
+            raise RuntimeError("CaptioningTask.setup must run before pp_ops (the vocabulary).")
+
+        def op(ex):
+            import tensorflow as tf
+
+            from seqvis.data.preprocess import _seed
+
+            texts = caption_texts(ex)
+            n = tf.shape(texts)[0]
+            out = {k: v for k, v in ex.items() if k.startswith("_")}
+            out["image"] = ex["image"]
+            if train:
+                i = tf.random.stateless_uniform([], seed=_seed(ex), minval=0, maxval=tf.maximum(n, 1), dtype=tf.int32)
+                text = tf.concat([texts, [""]], axis=0)[i]  # no caption at all -> "<bos> <eos>"
+                out["tokens"] = tf.ensure_shape(tok.tf_encode(text, max_len), [max_len])
+            else:
+                ids = tok.tf_encode(texts[:num_refs], max_len)
+                ids = tf.pad(ids, [[0, num_refs - tf.shape(ids)[0]], [0, 0]], constant_values=tok.pad_id)
+                out["tokens"] = tf.ensure_shape(ids, [num_refs, max_len])
+                out["image_id"] = image_id(ex)
+            return out
+
+        return [op]
+
+    def _final_op(self):
+        """Eval op for the final evaluation: also keeps the items (classes, colours, boxes) when present."""
+        (base,) = self.pp_ops(train=False)
+
+        def op(ex):
+            out = base(ex)
+            for k in ("labels", "colours", "boxes", "num_items"):
+                if k in ex:
+                    out[k] = ex[k]
+            return out
+
+        return op
+
+    # ---------------------------------------------------------------- model plumbing
+    def dummy_batch(self, batch_size: int) -> dict[str, jax.Array]:
+        h, w, c = self.config.data.image_shape
+        return {"image": jnp.zeros((batch_size, h, w, c), jnp.float32),
+                "tokens": jnp.zeros((batch_size, self.max_len), jnp.int32)}
+
+    def model_inputs(self, batch):
+        tokens = batch["tokens"]
+        if tokens.ndim == 3:
+            tokens = tokens[:, 0]
+        return (batch["image"], tokens[:, :-1])
+
+    def init(self, rng, batch):
+        return self.model.init({"params": rng, "dropout": rng}, batch["image"], batch["tokens"][:, :-1],
+                               train=False)
+
+    def losses(self, variables, batch, *, train, rng):
+        model = self.model
+        rngs = {"dropout": rng} if rng is not None else {}
+        if self.mutable_collections and train:
+            memory, updates = model.apply(variables, batch["image"], train=True, rngs=rngs, method=model.encode,
+                                          mutable=list(self.mutable_collections))
+        else:
+            memory, updates = model.apply(variables, batch["image"], train=train, rngs=rngs, method=model.encode), {}
+        tokens = batch["tokens"]
+        refs = tokens.shape[1] if tokens.ndim == 3 else 0
+        if refs:  # every reference of an eval example: decode each against the same image memory
+            memory = jax.tree.map(lambda x: jnp.repeat(x, refs, axis=0), memory)
+            tokens = tokens.reshape((-1, tokens.shape[-1]))
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        drop_rngs = {"dropout": jax.random.fold_in(rng, 1)} if rng is not None else {}
+        logits, aux = model.apply(variables, memory, inputs, train=train, rngs=drop_rngs,
+                                  method=model.decode_teacher)
+        mask = (targets != self.tokenizer.pad_id).astype(jnp.float32)
+        smoothing = float(self.config.get("label_smoothing", 0.0)) if train else 0.0
+        onehot = jax.nn.one_hot(targets, logits.shape[-1])
+        if smoothing:
+            onehot = optax.smooth_labels(onehot, smoothing)
+        ce = optax.softmax_cross_entropy(logits, onehot)
+        ntok = jnp.sum(mask, axis=-1)
+        denom = jnp.maximum(ntok, 1.0)
+        ce_sum = jnp.sum(ce * mask, axis=-1)
+        metrics = {"nll": ce_sum / denom,
+                   "token_accuracy": jnp.sum((jnp.argmax(logits, -1) == targets) * mask, axis=-1) / denom}
+        total = ce_sum
+        if "attention" in aux:
+            alpha = aux["attention"]  # [B, T, L]
+            coverage = jnp.sum(alpha * mask[..., None], axis=1)  # Σ_t m_t α_ti
+            reg = jnp.sum((1.0 - coverage) ** 2, axis=-1)
+            metrics["attention_reg"] = reg
+            metrics["gate"] = jnp.sum(aux["gate"] * mask, axis=-1) / denom
+            if self.reg:
+                total = total + self.reg * reg
+        loss = total / denom
+        if refs:  # mean over the example's real references
+            valid = (ntok > 0).reshape(-1, refs).astype(jnp.float32)
+            nvalid = jnp.maximum(valid.sum(-1), 1.0)
+            per_example = lambda v: jnp.sum(v.reshape(-1, refs) * valid, axis=-1) / nvalid  # noqa: E731
+            loss = per_example(loss)
+            metrics = {k: per_example(v) for k, v in metrics.items()}
+        return loss, metrics, updates
+
+    # ---------------------------------------------------------------- evaluation helpers
+    def feature_grid(self, variables: dict) -> tuple[int, int]:
+        """The encoder's region grid (h, w) for the configured image shape."""
+        h, w, c = self.config.data.image_shape
+        model = self.model
+        out = jax.eval_shape(lambda v, x: model.apply(v, x, method=lambda m, y: m.encoder(y, train=False)),
+                             variables, jax.ShapeDtypeStruct((1, h, w, c), jnp.float32))
+        return int(out.shape[1]), int(out.shape[2])
+
+    def host_examples(self, data_lib: Any, split: str | None = None, limit: int | None = None,
+                      batch_size: int | None = None):
+        """Iterate (or, with ``limit``, return the first ``limit``) eval examples as flat host numpy batches."""
+        cfg = self.config.data
+        nd = jax.local_device_count()
+        bs = int(batch_size or self.config.decode.batch_size)
+        if limit is not None:
+            bs = max(nd, -(-int(limit) // nd) * nd)
+        it = data_lib.eval_iterator(cfg, global_batch_size=bs * jax.process_count(), split=split,
+                                    extra_ops=(self._final_op(),))
+
+        def flat(batch):
+            return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+
+        if limit is None:
+            return (flat(b) for b in it)
+        batch = flat(next(it))
+        keep = batch["mask"] > 0
+        return {k: v[keep][:limit] for k, v in batch.items()}
+
+    def final_evaluation(self, variables: dict, config: Any, workdir: str, data_lib: Any) -> dict[str, Any]:
+        from seqvis.analysis import attention_maps as am
+        from seqvis.analysis.caption_metrics import bleu, cider_d
+
+        t0 = time.time()
+        tok, model, dec = self.tokenizer, self.model, config.decode
+        steps = self.max_len - 1
+        common = dict(max_steps=steps, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        decoders = {"greedy": cap.make_decoder(model, method="greedy", **common),
+                    "beam": cap.make_decoder(model, method="beam", beam_size=int(dec.beam_size),
+                                             alpha=float(dec.get("length_penalty", 0.0)), **common)}
+        variables = jax.device_put(variables, jax.local_devices()[0])
+        grid = self.feature_grid(variables)
+        h, w, _ = config.data.image_shape
+        grounding_ok = config.data.get("name") == "fashion_scenes"
+        if grounding_ok:
+            from seqvis.data.builders import fashion_scenes as fs
+
+            nouns, colours = fs.noun_classes(), fs.colour_ids()
+        ids_all, masks, out_tokens = [], [], {m: [] for m in decoders}
+        counts = {m: {"item_words": 0, "with_referent": 0, "grounded": 0} for m in decoders}
+        has_attention = False
+        for batch in self.host_examples(data_lib):
+            keep = batch["mask"] > 0
+            ids_all.append(batch["image_id"])
+            masks.append(keep)
+            for m, fn in decoders.items():
+                res = jax.device_get(fn(variables, batch["image"]))
+                out_tokens[m].append(res["tokens"])
+                att = res["attention"][keep]
+                if att.shape[-1] and grounding_ok and "boxes" in batch:
+                    has_attention = True
+                    words = [token_words(t, tok) for t in res["tokens"][keep]]
+                    c = am.grounding_counts(words, att, batch["labels"][keep], batch["colours"][keep],
+                                            batch["boxes"][keep], grid=grid, image_hw=(h, w), noun_classes=nouns,
+                                            colour_ids=colours)
+                    for k in c:
+                        counts[m][k] += c[k]
+        if not ids_all:
+            raise ValueError("the eval split is empty; nothing to caption.")
+        ids, keep = np.concatenate(ids_all), np.concatenate(masks)
+        tokens = {m: np.concatenate(v) for m, v in out_tokens.items()}
+        if jax.process_count() > 1:  # every process decoded its shard (same padded shapes); gather them
+            ids, keep, tokens, counts = _gather_processes(ids, keep, tokens, counts)
+        ids, tokens = ids[keep], {m: t[keep] for m, t in tokens.items()}
+        refs = self.references(data_lib)
+        results: dict[str, Any] = {"decode_seconds": 0.0, "num_captions": int(len(ids))}
+        caps_by_method = {}
+        for m in decoders:
+            cands = {int(i): [tok.decode(t)] for i, t in zip(ids, tokens[m])}
+            missing = [i for i in cands if i not in refs]
+            if missing:
+                raise ValueError(f"{len(missing)} decoded images have no references in the eval split "
+                                 f"(e.g. image ids {missing[:3]}); are the image ids unique?")
+            b = bleu(cands, refs)
+            cider, _ = cider_d(cands, refs)
+            scores = {f"bleu{n + 1}": float(b[n]) for n in range(4)}
+            scores["cider"] = float(cider)
+            scores["mean_length"] = float(np.mean([len(c[0].split()) for c in cands.values()]))
+            if has_attention:
+                scores.update(am.grounding_scores(counts[m]))
+            for k, v in scores.items():
+                results[f"{m}_{k}"] = v
+            caps_by_method[m] = cands
+        for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "grounding", "item_word_precision"):
+            if f"beam_{k}" in results:
+                results[k] = results[f"beam_{k}"]
+        results["beam_size"] = int(dec.beam_size)
+        results["length_penalty"] = float(dec.get("length_penalty", 0.0))
+        results["vocab_size"] = tok.vocab_size
+        results["decode_seconds"] = time.time() - t0
+        if jax.process_index() == 0:
+            _write_json(os.path.join(workdir, "captions_test.json"), _coco_results(caps_by_method["beam"]))
+            _write_json(os.path.join(workdir, "captions_test_greedy.json"), _coco_results(caps_by_method["greedy"]))
+            _write_json(os.path.join(workdir, "captions_refs.json"),
+                        _coco_annotations({i: refs[i] for i in caps_by_method["beam"]}))
+        log.info("captioning: %s", {k: round(v, 4) for k, v in results.items() if isinstance(v, float)})
+        return results
+
+
+# ============================================================================ outputs
+
+
+def _coco_results(cands: dict[int, list[str]]) -> list[dict]:
+    return [{"image_id": int(i), "caption": cands[i][0]} for i in sorted(cands)]
+
+
+def _coco_annotations(refs: dict[int, list[str]]) -> dict:
+    """References in the COCO captions annotation format (loadable by pycocotools' COCO)."""
+    images, anns = [], []
+    for i in sorted(refs):
+        images.append({"id": int(i)})
+        for r in refs[i]:
+            anns.append({"image_id": int(i), "id": len(anns) + 1, "caption": r})
+    return {"info": {"description": "seqvis captioning references"}, "licenses": [], "type": "captions",
+            "images": images, "annotations": anns}
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _gather_processes(ids, keep, tokens, counts):
+    from jax.experimental import multihost_utils
+
+    g = multihost_utils.process_allgather(
+        {"ids": ids, "keep": keep, **{f"tok_{m}": t for m, t in tokens.items()}}, tiled=True)
+    c = multihost_utils.process_allgather(
+        {m: np.asarray([v["item_words"], v["with_referent"], v["grounded"]]) for m, v in counts.items()})
+    counts = {m: dict(zip(("item_words", "with_referent", "grounded"), np.asarray(c[m]).sum(0).tolist()))
+              for m in counts}
+    return (np.asarray(g["ids"]), np.asarray(g["keep"]).astype(bool), {m: np.asarray(g[f"tok_{m}"]) for m in tokens},
+            counts)
