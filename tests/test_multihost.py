@@ -7,10 +7,12 @@ then agree up to float summation order.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -24,7 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 64
 
 WORKER = textwrap.dedent("""
-    import json, sys
+    import faulthandler, json, signal, sys
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks on a hang
     from seqvis.data.presets import data_config
     from seqvis.train.defaults import base_config
     from seqvis.train.trainer import train_and_evaluate
@@ -84,12 +87,25 @@ def test_two_processes_equal_one_process(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
 
     coordinator = f"localhost:{_free_port()}"
+    logs = [(open(tmp_path / f"p{i}.out", "w+"), open(tmp_path / f"p{i}.err", "w+")) for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(idx), str(tmp_path / "two"), coordinator, "2",
-                               str(i)], env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+                               str(i)], env=_env(2), stdout=out, stderr=err, text=True)
+             for i, (out, err) in enumerate(logs)]
+    try:
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        hung = [p for p in procs if p.poll() is None]
+        for p in hung:
+            p.send_signal(signal.SIGUSR1)
+        time.sleep(2 if hung else 0)
+        for p in hung:
+            p.kill()
+    outs = []
+    for p, (out, err) in zip(procs, logs):
+        out.seek(0), err.seek(0)
+        outs.append((out.read(), err.read()))
+        assert p.returncode == 0, f"process exit {p.returncode}\n" + outs[-1][1][-3000:]
 
     r1 = _result(single.stdout)
     r2 = [_result(out) for out, _ in outs]

@@ -164,8 +164,17 @@ class PmapDriver:
         return replicate(state, self.devices)
 
     def get_state(self, state):
-        """One copy of the state as host numpy arrays."""
-        return jax.device_get(jax.tree.map(lambda x: x[0], state))
+        """One copy of the state as host numpy arrays.
+
+        Read from this process's first device buffer: no device computation, so no
+        collective that every process would have to join in the same order (slicing the
+        global array ``x[0]`` can deadlock with several processes).
+        """
+        def first(x):
+            local = np.asarray(x.addressable_data(0))
+            return local[0] if local.ndim == x.ndim else local
+
+        return jax.tree.map(first, state)
 
     def put_batch(self, batch):
         # Same sharding (mesh axis name included) as pmap gives its outputs: a mismatch
