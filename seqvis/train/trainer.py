@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqvis.analysis.flops import forward_flops_per_example  # noqa: F401 - also re-exported here
 from seqvis.models.common import num_params
 from seqvis.train import checkpoint as ckpt_lib
 from seqvis.train import optim
@@ -78,22 +79,6 @@ def maybe_initialize_distributed(config: Any) -> None:
 
 
 # ============================================================================ helpers
-
-
-def forward_flops_per_example(task, params_and_state: dict, batch: dict) -> float | None:
-    """Forward-pass FLOPs per example from XLA's cost analysis of the compiled eval forward."""
-    inputs = task.model_inputs(batch)
-    fn = jax.jit(lambda v, *xs: task.model.apply(v, *xs, train=False))
-    try:
-        cost = fn.lower(params_and_state, *inputs).compile().cost_analysis()
-    except Exception as e:  # noqa: BLE001 - cost analysis is best effort on some backends
-        log.warning("XLA cost analysis failed: %s", e)
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"]) / inputs[0].shape[0]
 
 
 def _mean_metrics(host: list[dict]) -> dict[str, float]:
