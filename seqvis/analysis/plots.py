@@ -1,0 +1,128 @@
+"""Scaling-curve figures (matplotlib, Agg backend). Imported only by reporting commands.
+
+Each function takes plain rows (dicts with ``compute``, ``error``, ``model``, ``family``,
+``params``...), draws one figure and writes it as PNG and SVG next to ``out_stem``;
+it returns the paths written.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+FAMILY_STYLE = {"vit": dict(color="tab:blue", marker="o", label="ViT"),
+                "resnet": dict(color="tab:orange", marker="s", label="ResNet")}
+
+
+def _save(fig, out_stem: str) -> list[str]:
+    paths = []
+    for ext in ("png", "svg"):
+        path = f"{out_stem}.{ext}"
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def _fmt_params(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(int(n))
+
+
+def _log_axes(ax, xlabel: str, ylabel: str) -> None:
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="major", alpha=0.4)
+    ax.grid(True, which="minor", alpha=0.15)
+
+
+def plot_frontier(rows: Sequence[dict], frontier: Sequence[dict], predict: Callable | None, out_stem: str, *,
+                  fit_label: str = "", asymptote: float | None = None, title: str = "",
+                  xlabel: str = "training compute (FLOPs) = 3 × forward FLOPs × examples seen",
+                  ylabel: str = "test error") -> list[str]:
+    """Error vs compute (log-log), one colour per model size, frontier and fitted law (Zhai et al. Fig. 2)."""
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    models = sorted({r["model"] for r in rows}, key=lambda m: min(r["params"] or 0 for r in rows if r["model"] == m))
+    cmap = plt.get_cmap("viridis")
+    for i, m in enumerate(models):
+        pts = sorted((r for r in rows if r["model"] == m), key=lambda r: r["compute"])
+        color = cmap(i / max(len(models) - 1, 1) * 0.9)
+        ax.plot([r["compute"] for r in pts], [r["error"] for r in pts], "-o", color=color, ms=5, lw=1.2,
+                alpha=0.9, label=f"{m} ({_fmt_params(pts[0]['params'])})")
+    if frontier:
+        fx = [r["compute"] for r in frontier]
+        ax.scatter(fx, [r["error"] for r in frontier], s=110, facecolors="none", edgecolors="red", lw=1.3,
+                   zorder=5, label="frontier points")
+    if predict is not None and frontier:
+        lo = min(r["compute"] for r in rows) / 1.5
+        hi = max(r["compute"] for r in rows) * 3
+        xs = np.logspace(math.log10(lo), math.log10(hi), 200)
+        ax.plot(xs, predict(xs), "--", color="red", lw=1.8, label=fit_label or "saturating power-law fit")
+        if asymptote is not None and asymptote > 0:
+            ax.axhline(asymptote, color="red", lw=0.8, ls=":", label=f"fitted irreducible error c = {asymptote:.3f}")
+    _log_axes(ax, xlabel, ylabel)
+    ax.set_title(title or "Compute-error frontier")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), title="model (params)", title_fontsize=8)
+    return _save(fig, out_stem)
+
+
+def plot_families(rows: Sequence[dict], frontiers: dict[str, Sequence[dict]], out_stem: str, *, title: str = "",
+                  xlabel: str = "training compute (FLOPs)", ylabel: str = "test error") -> list[str]:
+    """ViT vs ResNet: error vs compute with each family's frontier (the ViT paper's Fig. 5)."""
+    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    for fam in sorted({r["family"] for r in rows}):
+        style = dict(FAMILY_STYLE.get(fam, dict(color="gray", marker="^", label=fam)))
+        pts = [r for r in rows if r["family"] == fam]
+        ax.scatter([r["compute"] for r in pts], [r["error"] for r in pts], color=style["color"],
+                   marker=style["marker"], s=30, alpha=0.6, label=f"{style['label']} runs ({len(pts)})")
+        fr = frontiers.get(fam) or []
+        if fr:
+            ax.step([r["compute"] for r in fr] + [max(r["compute"] for r in rows) * 1.5],
+                    [r["error"] for r in fr] + [fr[-1]["error"]], where="post", color=style["color"], lw=2,
+                    label=f"{style['label']} frontier")
+    _log_axes(ax, xlabel, ylabel)
+    ax.set_title(title or "ViT vs ResNet at equal training compute")
+    ax.legend(fontsize=9, loc="best")
+    return _save(fig, out_stem)
+
+
+def plot_ablations(panels: Sequence[dict], out_stem: str, *, title: str = "",
+                   xlabel: str = "forward GFLOPs per example", ylabel: str = "test error") -> list[str]:
+    """Error vs model compute when one axis changes (the ViT paper's Fig. 8).
+
+    ``panels``: ``[{"title": "depth", "series": [{"label": ..., "x": [...], "y": [...],
+    "annotations": [...]}, ...]}, ...]``; a panel without series says so.
+    """
+    n = max(len(panels), 1)
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.4), squeeze=False, sharey=True)
+    for ax, panel in zip(axes[0], panels):
+        series = panel.get("series") or []
+        cmap = plt.get_cmap("plasma")
+        for i, s in enumerate(series):
+            color = cmap(i / max(len(series) - 1, 1) * 0.85)
+            ax.plot(s["x"], s["y"], "-o", color=color, ms=5, label=s["label"])
+            for x, y, a in zip(s["x"], s["y"], s.get("annotations") or []):
+                ax.annotate(str(a), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+        if not series:
+            ax.text(0.5, 0.5, f"no points vary {panel['title']}", ha="center", va="center", transform=ax.transAxes)
+        _log_axes(ax, xlabel, ylabel if ax is axes[0][0] else "")
+        ax.set_title(f"scaling {panel['title']}")
+        if series:
+            ax.legend(fontsize=7, loc="upper right", title=panel.get("legend_title"), title_fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, out_stem)
+
