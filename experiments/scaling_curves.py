@@ -185,7 +185,7 @@ def ablation_groups(rows: Sequence[dict]) -> dict[str, list[dict]]:
 
 def _budget_label(examples: float, epochs: float | None) -> str:
     ex = f"{examples / 1e3:.0f}k" if examples < 1e6 else f"{examples / 1e6:.3g}M"
-    return f"{ex} examples" + (f" ({epochs:.3g} ep)" if epochs else "")
+    return f"{ex} examples" + (f" ({epochs:.2g} ep)" if epochs else "")
 
 
 def _slope_per_doubling(series: dict) -> float:
@@ -231,7 +231,11 @@ def findings(rows: Sequence[dict], fit, fit_error: str | None, vit_frontier: Seq
 
     # 2. the compute-optimal model grows with compute
     f = {"finding": "The compute-optimal model grows with compute (larger models on the frontier at larger budgets)"}
-    if len(vit_frontier) < 3:
+    shapes = {(r.get("width"), r.get("depth"), r.get("mlp_dim")) for r in rows if r["family"] == "vit"}
+    if len(shapes) < 3:
+        f.update(verdict="not testable", numbers=f"the ViT points have {len(shapes)} model shape(s) (width, depth, "
+                 "MLP); needs at least 3 sizes")
+    elif len(vit_frontier) < 3:
         f.update(verdict="not testable", numbers=f"only {len(vit_frontier)} frontier points")
     else:
         rho = spearman([r["compute"] for r in vit_frontier], [r["params"] for r in vit_frontier])

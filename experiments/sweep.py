@@ -680,8 +680,10 @@ class Sweep:
             return make_row(p, None, status="failed", message=msg, wall=time.time() - t0, resumed=resumed,
                             workdir=wd)
         finally:
+            t1 = time.time()
             jax.clear_caches()  # executables of this point are not needed again
             gc.collect()
+            log.info("  run %.1f s, cleanup %.1f s", t1 - t0, time.time() - t1)
         return make_row(p, results, status="ok", wall=time.time() - t0, resumed=resumed, workdir=wd)
 
     def _run_child(self, p: Point, child_argv: Sequence[str]) -> dict | None:
