@@ -39,19 +39,40 @@ def _fmt_params(n: float | None) -> str:
     return str(int(n))
 
 
-def _log_axes(ax, xlabel: str, ylabel: str) -> None:
+def _percent(v: float, _pos=None) -> str:
+    return f"{100 * v:.3g}%"
+
+
+def _percent_minor(v: float, _pos=None) -> str:
+    """Label minor ticks at 2, 3 and 5 × 10^k only (readable on a log axis)."""
+    if v <= 0:
+        return ""
+    mantissa = v / 10 ** math.floor(math.log10(v))
+    return _percent(v) if any(abs(mantissa - m) < 1e-6 for m in (2, 3, 5)) else ""
+
+
+def _log_axes(ax, xlabel: str, ylabel: str, percent_y: bool = True) -> None:
+    """Log-log axes with grids; an error axis is labelled in percent."""
+    from matplotlib import ticker
+
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="major", alpha=0.4)
     ax.grid(True, which="minor", alpha=0.15)
+    if percent_y:
+        lo, hi = ax.get_ylim()
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(_percent))
+        ratio = hi / lo
+        minor = _percent if ratio < 8 else _percent_minor if ratio < 30 else (lambda v, p=None: "")
+        ax.yaxis.set_minor_formatter(ticker.FuncFormatter(minor))
 
 
 def plot_frontier(rows: Sequence[dict], frontier: Sequence[dict], predict: Callable | None, out_stem: str, *,
                   fit_label: str = "", asymptote: float | None = None, title: str = "",
                   xlabel: str = "training compute (FLOPs) = 3 × forward FLOPs × examples seen",
-                  ylabel: str = "test error") -> list[str]:
+                  ylabel: str = "test error (log scale)") -> list[str]:
     """Error vs compute (log-log), one colour per model size, frontier and fitted law (Zhai et al. Fig. 2)."""
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
     models = sorted({r["model"] for r in rows}, key=lambda m: min(r["params"] or 0 for r in rows if r["model"] == m))
@@ -79,7 +100,7 @@ def plot_frontier(rows: Sequence[dict], frontier: Sequence[dict], predict: Calla
 
 
 def plot_families(rows: Sequence[dict], frontiers: dict[str, Sequence[dict]], out_stem: str, *, title: str = "",
-                  xlabel: str = "training compute (FLOPs)", ylabel: str = "test error") -> list[str]:
+                  xlabel: str = "training compute (FLOPs)", ylabel: str = "test error (log scale)") -> list[str]:
     """ViT vs ResNet: error vs compute with each family's frontier (the ViT paper's Fig. 5)."""
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
     for fam in sorted({r["family"] for r in rows}):
@@ -99,14 +120,16 @@ def plot_families(rows: Sequence[dict], frontiers: dict[str, Sequence[dict]], ou
 
 
 def plot_ablations(panels: Sequence[dict], out_stem: str, *, title: str = "",
-                   xlabel: str = "forward GFLOPs per example", ylabel: str = "test error") -> list[str]:
+                   xlabel: str = "forward GFLOPs per example", ylabel: str = "test error (log scale)") -> list[str]:
     """Error vs model compute when one axis changes (the ViT paper's Fig. 8).
 
     ``panels``: ``[{"title": "depth", "series": [{"label": ..., "x": [...], "y": [...],
-    "annotations": [...]}, ...]}, ...]``; a panel without series says so.
+    "annotations": [...]}, ...]}, ...]``; panels without series are left out (one that
+    says so is drawn when all are empty).
     """
+    panels = [p for p in panels if p.get("series")] or list(panels[:1])
     n = max(len(panels), 1)
-    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, n, figsize=(max(4.6 * n, 6.0), 4.4), squeeze=False, sharey=True)
     for ax, panel in zip(axes[0], panels):
         series = panel.get("series") or []
         cmap = plt.get_cmap("plasma")
@@ -120,7 +143,7 @@ def plot_ablations(panels: Sequence[dict], out_stem: str, *, title: str = "",
         _log_axes(ax, xlabel, ylabel if ax is axes[0][0] else "")
         ax.set_title(f"scaling {panel['title']}")
         if series:
-            ax.legend(fontsize=7, loc="upper right", title=panel.get("legend_title"), title_fontsize=7)
+            ax.legend(fontsize=7, loc="best", title=panel.get("legend_title"), title_fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
