@@ -49,6 +49,25 @@ PRESETS: dict[str, dict] = {
     "coco_captions": dict(
         name="coco_captions", image_shape=(224, 224, 3), train_split="train+restval", eval_split="test",
         pp_train="decode|resize(224)|value_range(-1, 1)", pp_eval="decode|resize(224)|value_range(-1, 1)"),
+    # Video (task 'video'). Offline: clips of a moving Fashion-MNIST item, label = the motion
+    # (seqvis.data.builders.moving_fashion); reverse_labels[c] is the label of class c played backwards.
+    "moving_fashion": dict(
+        name="moving_fashion", num_frames=16, image_shape=(32, 32, 1), num_classes=8,
+        train_split="train", eval_split="test",
+        builder_kwargs=dict(source="fashion_mnist", num_frames=16, image_size=32, num_train=12_000,
+                            num_test=4_000, distractor_prob=0.5, noise_std=0.0, max_start_angle=45.0,
+                            seed=0),
+        reverse_labels=(1, 0, 3, 2, 5, 4, 7, 6),
+        pp_train="sample_frames(16)|video_value_range(-1, 1)",
+        pp_eval="sample_frames(16)|video_value_range(-1, 1)"),
+    # UCF101 (tfds catalogue, split 1 at 256x256; prepare it with `tfds build ucf101`): 16 frames
+    # with stride 2, random 112 crops of 128x128 frames. Decoded clips do not fit in memory: no cache.
+    "ucf101": dict(
+        name="ucf101", num_frames=16, image_shape=(112, 112, 3), num_classes=101,
+        train_split="train", eval_split="test", cache=False, shuffle_buffer=256, reverse_labels=None,
+        pp_train="sample_frames(16, stride=2, random=True)|video_resize(128)|video_random_crop(112)|"
+                 "video_flip_lr|video_value_range(-1, 1)",
+        pp_eval="sample_frames(16, stride=2)|video_resize(128)|video_central_crop(112)|video_value_range(-1, 1)"),
 }
 
 

@@ -10,6 +10,7 @@ LOCAL_BUILDERS: dict[str, tuple[str, str]] = {
     "fashion_mnist_idx": ("seqvis.data.builders.idx", "FashionMnistIdx"),
     "mnist_idx": ("seqvis.data.builders.idx", "MnistIdx"),
     "fashion_scenes": ("seqvis.data.builders.fashion_scenes", "FashionScenes"),
+    "moving_fashion": ("seqvis.data.builders.moving_fashion", "MovingFashion"),
 }
 
 
