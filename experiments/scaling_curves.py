@@ -220,7 +220,8 @@ def findings(rows: Sequence[dict], fit, fit_error: str | None, vit_frontier: Seq
                                                  [r["error"] for r in vit_frontier])
         nums = (f"{fit.n} frontier points; RMS relative deviation {100 * fit.rms_log_residual:.2f}% "
                 f"(max {100 * fit.max_rel_residual:.2f}%) vs {100 * rms_pure:.2f}% for a pure power law E = aC^-b "
-                f"(b = {b_pure:.3f}); b = {fit.b:.3f}, c = {fit.c:.4f}")
+                f"(b = {b_pure:.3f}); b = {fit.b:.3f}, c = {fit.c:.4f}"
+                + (f"; fit degenerate: {', '.join(fit.at_bound)}" if fit.at_bound else ""))
         if fit.n <= 4:
             f.update(verdict="not testable", numbers=nums + "; 4 points determine 4 parameters exactly")
         else:
@@ -439,8 +440,9 @@ def make_report(results: Sequence[str], out: str, *, bootstrap: int = 1000, seed
         for name, meaning in (("a", "scale"), ("b", "exponent"), ("c", "irreducible error"), ("d", "compute offset")):
             lo, hi = fit.intervals.get(name, (float("nan"), float("nan")))
             L.append(f"| {name} ({meaning}) | {getattr(fit, name):.4g} | [{lo:.4g}, {hi:.4g}] |")
-        L += ["", f"RMS relative deviation {100 * fit.rms_log_residual:.2f}%, max {100 * fit.max_rel_residual:.2f}%.",
-              ""]
+        L += ["", f"RMS relative deviation {100 * fit.rms_log_residual:.2f}%, max {100 * fit.max_rel_residual:.2f}%."
+              + (f" **Degenerate fit: {', '.join(fit.at_bound)}** — the frontier is too short or too flat to "
+                 "determine all four coefficients." if fit.at_bound else ""), ""]
     L += ["## Plots", ""]
     for p in written:
         if p.endswith(".png"):

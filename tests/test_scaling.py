@@ -80,7 +80,13 @@ def test_fit_recovers_known_coefficients_exactly():
     fit = fit_saturating_power_law(compute, saturating_power_law(compute, a, b, c, d), bootstrap=0)
     for name, true in zip("abcd", (a, b, c, d)):
         assert getattr(fit, name) == pytest.approx(true, rel=1e-3), name
-    assert fit.rms_log_residual < 1e-6
+    assert fit.rms_log_residual < 1e-6 and fit.at_bound == []
+
+
+def test_fit_flags_a_frontier_that_does_not_determine_the_law():
+    # Errors that fall and then stop dead: only an exponent at its bound can bend that sharply.
+    fit = fit_saturating_power_law([1, 2, 4, 8, 16, 32], [0.5, 0.2, 0.1, 0.1, 0.0999, 0.0998], bootstrap=0)
+    assert any(flag.startswith(("b at its upper", "c at its upper")) for flag in fit.at_bound), fit
 
 
 @pytest.mark.parametrize("method", ["residuals", "pairs"])

@@ -67,12 +67,22 @@ class PowerLawFit:
     n_boot: int  # resamples requested
     n_boot_ok: int  # resamples whose fit succeeded
     method: str
+    at_bound: list[str] = dataclasses.field(default_factory=list)  # e.g. ["b at its upper bound 10"]
 
     def predict(self, compute):
         return saturating_power_law(compute, self.a, self.b, self.c, self.d)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+B_MAX = 10.0  # exponents this large mean the data do not determine b (Zhai et al. find 0.3-0.6)
+
+
+def _bounds(x: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """a > 0; 0 < b <= B_MAX; 0 <= c < min E (the asymptote lies below every point); 0 <= d <= 100 max C."""
+    return (np.array([1e-12, 1e-4, 0.0, 0.0]),
+            np.array([np.inf, B_MAX, float(np.min(e)) * (1 - 1e-9), 100.0 * float(np.max(x))]))
 
 
 def _solve(x: np.ndarray, e: np.ndarray, start: np.ndarray | None = None) -> tuple[np.ndarray, float]:
@@ -91,8 +101,7 @@ def _solve(x: np.ndarray, e: np.ndarray, start: np.ndarray | None = None) -> tup
         a, b, c, d = p
         return np.log(a * (x + d) ** (-b) + c) - log_e
 
-    lower = np.array([1e-12, 1e-4, 0.0, 0.0])
-    upper = np.array([np.inf, 10.0, e_min * (1 - 1e-9), 100.0 * x_max])
+    lower, upper = _bounds(x, e)
     x_ref = float(np.min(x))
 
     def guess(b0, c0, d0):
@@ -147,6 +156,16 @@ def fit_saturating_power_law(compute: Sequence[float], error: Sequence[float], *
     x = c_arr / scale
     p_scaled, _ = _solve(x, e_arr)
     p = _unscale(p_scaled, scale)
+    lower, upper = _bounds(x, e_arr)
+    at_bound = []
+    for j, name in enumerate(PARAMS):
+        if name == "d" and p_scaled[j] <= lower[j] + 1e-9:
+            continue  # d = 0 is the plain shifted law, not a sign of trouble
+        if p_scaled[j] <= lower[j] * (1 + 1e-6) + 1e-12:
+            at_bound.append(f"{name} at its lower bound {lower[j]:.3g}")
+        elif np.isfinite(upper[j]) and p_scaled[j] >= upper[j] * (1 - 1e-6):
+            at_bound.append(f"{name} at its upper bound" + (" (the lowest error)" if name == "c" else
+                                                             f" {upper[j] if name == 'b' else upper[j] * scale:.3g}"))
     fitted = saturating_power_law(x, *p_scaled)
     res = np.log(fitted) - np.log(e_arr)
     n = len(x)
@@ -179,7 +198,8 @@ def fit_saturating_power_law(compute: Sequence[float], error: Sequence[float], *
         a=float(p[0]), b=float(p[1]), c=float(p[2]), d=float(p[3]), n=n,
         rms_log_residual=float(np.sqrt(np.mean(res ** 2))),
         max_rel_residual=float(np.max(np.abs(fitted / e_arr - 1))),
-        intervals=intervals, level=level, n_boot=int(bootstrap), n_boot_ok=len(samples), method=method)
+        intervals=intervals, level=level, n_boot=int(bootstrap), n_boot_ok=len(samples), method=method,
+        at_bound=at_bound)
 
 
 def fit_pure_power_law(compute: Sequence[float], error: Sequence[float]) -> tuple[float, float, float]:
