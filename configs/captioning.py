@@ -73,7 +73,12 @@ def get_config(arg: str | None = None):
         c.model.update(width=128 if small else 512, num_layers=2 if small else 3, num_heads=4 if small else 8,
                        mlp_dim=256 if small else 2048, dropout_rate=0.0 if small else 0.1,
                        attention_dropout_rate=0.0)
-    c.doubly_stochastic = 1.0  # λ of the attention regulariser (Show, Attend and Tell only)
+    # λ of the doubly stochastic attention regulariser λ Σ_i (1 - Σ_t α_ti)² (Show, Attend and Tell
+    # only). Off by default: on the scenes the paper's λ = 1 pushes the attention off the item when
+    # the noun is written (the item was looked at for its colour word just before): noun grounding
+    # 0.05% instead of 63%, and BLEU-4 0.742 instead of 0.770 (README table).
+    # --config.doubly_stochastic=1.0 is the paper's setting.
+    c.doubly_stochastic = 0.0
 
     # ------------------------------------------------------------------ decoding
     c.decode = ml_collections.ConfigDict(dict(

@@ -423,12 +423,40 @@ def test_grounding_counts_hand_worked():
     att[0, 10, 3] = 1  # "dress": no dress in the scene                      no referent
     att[1, 2, 2] = 1  # "blue bag" -> (30, 10): inside the blue bag's box   grounded
     att[1, 6, 3] = 1  # "red bag" -> (30, 30): red bag is at the top right  not grounded
+    att[0, 1, 0] = 1  # colour "red" -> (10, 10): the red item (bag)          grounded
+    att[0, 6, 3] = 1  # colour "blue" -> (30, 30): the blue item (sneaker)    grounded
+    att[1, 1, 1] = 1  # colour "blue" -> (10, 30): the blue bag is lower left not grounded
+    # image 1, "red" at t=5: argmax of an all-zero row is region 0 = (10, 10): not in the red bag's box
     c = am.grounding_counts(words, att, labels, cols, boxes, grid=(2, 2), image_hw=(40, 40),
                             noun_classes=nouns, colour_ids=colours)
-    assert c == {"item_words": 5, "with_referent": 4, "grounded": 2}
+    assert c == {"item_words": 5, "with_referent": 4, "grounded": 2,
+                 "colour_words": 4, "colour_with_referent": 4, "colour_grounded": 2}
     s = am.grounding_scores(c)
     assert s["grounding"] == pytest.approx(0.5) and s["item_word_precision"] == pytest.approx(0.8)
+    assert s["grounding_colour"] == pytest.approx(0.5)
     np.testing.assert_allclose(am.region_centres((2, 2), (40, 40)), [[10, 10], [10, 30], [30, 10], [30, 30]])
+
+
+def test_region_geometry_matches_the_receptive_field_centres():
+    """The pixel a region is mapped back to is the centre of its receptive field (gradient support)."""
+    from seqvis.models.resnet import ResNetEncoder
+
+    enc = ResNetEncoder(depth=18, stage_sizes=(1, 1, 1), width=4, zero_init_residual=False)
+    x = jax.random.normal(jax.random.key(0), (6, 160, 160, 3))
+    v = enc.init(jax.random.key(1), x)
+    grid = enc.apply(v, x).shape[1:3]
+    assert grid == (10, 10)
+    centres = am.region_centres(grid, (160, 160), cap.region_geometry(enc, (160, 160), grid))
+    for r, c in ((4, 5), (5, 4), (6, 6)):  # receptive fields (99 px) inside the image
+        # union over 6 images: max-pooling routes each image's gradient to a data-dependent subset
+        g = np.abs(np.asarray(jax.grad(lambda im: enc.apply(v, im)[:, r, c].sum())(x))).sum((0, -1))
+        ys, xs = np.nonzero(g)
+        # the receptive field [min, max + 1) in continuous coordinates is centred on the region centre
+        assert ((ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2) == tuple(centres[r * 10 + c])
+    vit_enc = cap.ViTGridEncoder(vit=__import__("seqvis.models.vit", fromlist=["build"]).build(
+        "mu/12", num_classes=None, pool="gap"))
+    assert cap.region_geometry(vit_enc, (84, 84), (7, 7)) == (6.0, 6.0, 12.0, 12.0)
+    assert cap.region_geometry(TinyEncoder(), (24, 24), (3, 3)) == (4.0, 4.0, 8.0, 8.0)  # stretched grid
 
 
 def test_upsampled_attention_peaks_at_the_region():

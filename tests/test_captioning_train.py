@@ -11,7 +11,7 @@ from seqvis.analysis.caption_metrics import bleu, cider_d
 from seqvis.data import pipeline as data_lib
 from seqvis.data.tokenizer import VocabularyError
 from seqvis.train import checkpoint as ckpt_lib
-from seqvis.train.captioning import CaptioningTask
+from seqvis.train.captioning import CaptioningTask, evaluate_workdir
 from seqvis.train.trainer import ConfigError, train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,9 +82,9 @@ def test_end_to_end_outputs_resume_and_pictures(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     config = tiny(data_dir)
     results = train_and_evaluate(config, workdir)
-    for key in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "grounding", "item_word_precision", "nll",
-                "token_accuracy", "attention_reg", "greedy_bleu4", "greedy_cider", "greedy_grounding", "beam_bleu4",
-                "beam_cider", "beam_grounding"):
+    for key in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "grounding", "grounding_colour", "item_word_precision",
+                "nll", "token_accuracy", "attention_reg", "greedy_bleu4", "greedy_cider", "greedy_grounding",
+                "beam_bleu4", "beam_cider", "beam_grounding"):
         assert key in results, key
     assert results["num_examples"] == N_TEST and results["num_captions"] == N_TEST
     on_disk = json.load(open(os.path.join(workdir, "results.json")))
@@ -116,6 +116,11 @@ def test_end_to_end_outputs_resume_and_pictures(data_dir, tmp_path):
     results2 = train_and_evaluate(config, workdir)
     assert results2["steps"] == 6 and open(vocab_path).read() == before
     assert sorted(ckpt_lib.Checkpointer(workdir).steps())[-1] == 6
+
+    # Re-evaluating the final checkpoint reproduces the scores written at the end of training.
+    again = evaluate_workdir(workdir)
+    for key in ("beam_bleu4", "beam_cider", "greedy_bleu4", "greedy_cider", "grounding", "grounding_colour"):
+        assert again[key] == pytest.approx(results2[key], abs=1e-9), key
 
     # Attention pictures from the checkpoint: one PNG per image.
     paths = am.render_workdir(workdir, num_images=2)

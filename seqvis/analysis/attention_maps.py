@@ -3,13 +3,14 @@
 Grounding. For every generated word that names an item (a head noun of the scene grammar,
 e.g. ``sneaker`` or ``boot`` of ``ankle boot``), take the attention weights that produced the
 word, ``α_t [L]`` over the ``h x w`` regions; the argmax region ``(r, c)`` is mapped back to
-the pixel at its centre ``((r + ½)·H/h, (c + ½)·W/w)`` (the attention map stretched over the
-image, as the pictures show it), and the word is *grounded* if that pixel lies inside the
-named item's box ``[y0, x0, y1, x1)``. The named item is the item of the scene with the
+the pixel at the centre of its receptive field (:func:`seqvis.models.captioning.region_geometry`:
+``(16r + ½, 16c + ½)`` for the stride-16 ResNet, the patch centre for ViT patches), and the
+word is *grounded* if that pixel lies inside the named item's box ``[y0, x0, y1, x1)``. The named item is the item of the scene with the
 word's class; if the scene has several, the colour word in front of the noun picks one.
 Words naming a class that is not in the scene have no box: they are not counted in the
 grounding fraction, but in ``item_word_precision`` (the fraction of item words naming an
-item that is there).
+item that is there). ``grounding_colour`` is the same test for the colour words (the item
+of that colour), which in this grammar come right before the noun.
 
 Pictures (command)::
 
@@ -28,18 +29,28 @@ from typing import Mapping, Sequence
 import numpy as np
 
 
-def region_centres(grid: tuple[int, int], image_hw: tuple[int, int]) -> np.ndarray:
-    """Pixel centres ``[h·w, 2]`` (y, x) of the regions of an ``h x w`` grid over an ``H x W`` image."""
+COUNT_KEYS = ("item_words", "with_referent", "grounded", "colour_words", "colour_with_referent", "colour_grounded")
+
+
+def region_centres(grid: tuple[int, int], image_hw: tuple[int, int],
+                   geometry: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """Centres ``[h·w, 2]`` (y, x) of the regions, in continuous pixel coordinates (pixel i spans [i, i+1)).
+
+    ``geometry = (y_0, x_0, step_y, step_x)`` from :func:`seqvis.models.captioning.region_geometry`
+    (where the encoder's receptive fields are centred); default: the grid stretched over the image.
+    """
     h, w = grid
     hh, ww = image_hw
+    y0, x0, sy, sx = geometry if geometry is not None else (hh / (2 * h), ww / (2 * w), hh / h, ww / w)
     r, c = np.divmod(np.arange(h * w), w)
-    return np.stack([(r + 0.5) * hh / h, (c + 0.5) * ww / w], axis=1)
+    return np.stack([y0 + r * sy, x0 + c * sx], axis=1)
 
 
 def grounding_counts(words: Sequence[Sequence[str]], attention: np.ndarray, labels: np.ndarray,
                      colours: np.ndarray, boxes: np.ndarray, *, grid: tuple[int, int],
                      image_hw: tuple[int, int], noun_classes: Mapping[str, int],
-                     colour_ids: Mapping[str, int]) -> dict[str, int]:
+                     colour_ids: Mapping[str, int],
+                     geometry: tuple[float, float, float, float] | None = None) -> dict[str, int]:
     """Counts over a batch of generated captions (see the module docstring).
 
     Args:
@@ -47,13 +58,30 @@ def grounding_counts(words: Sequence[Sequence[str]], attention: np.ndarray, labe
       attention: ``[N, T, L]`` weights that produced token t (L = h·w).
       labels, colours: ``[N, K]`` class and colour id of each item (-1 = no item).
       boxes: ``[N, K, 4]`` item boxes ``[y0, x0, y1, x1)`` in pixels.
+      geometry: where the regions are centred (see :func:`region_centres`).
     Returns:
-      ``{'item_words', 'with_referent', 'grounded'}``.
+      ``{'item_words', 'with_referent', 'grounded'}`` for the nouns, and the same for the colour
+      words (``colour_words``, ``colour_with_referent``, ``colour_grounded``: the referent of a
+      colour word is the item of that colour).
     """
-    centres = region_centres(grid, image_hw)
-    out = {"item_words": 0, "with_referent": 0, "grounded": 0}
+    centres = region_centres(grid, image_hw, geometry)
+    out = {"item_words": 0, "with_referent": 0, "grounded": 0,
+           "colour_words": 0, "colour_with_referent": 0, "colour_grounded": 0}
+
+    def inside(n, t, k):
+        y, x = centres[int(np.argmax(attention[n, t]))]
+        y0, x0, y1, x1 = boxes[n, k]
+        return int(y0 <= y < y1 and x0 <= x < x1)
+
     for n, ws in enumerate(words):
         for t, word in enumerate(ws):
+            if word in colour_ids:
+                out["colour_words"] += 1
+                items = [k for k in range(labels.shape[1]) if labels[n, k] >= 0 and colours[n, k] == colour_ids[word]]
+                if len(items) == 1:
+                    out["colour_with_referent"] += 1
+                    out["colour_grounded"] += inside(n, t, items[0])
+                continue
             cls = noun_classes.get(word)
             if cls is None:
                 continue
@@ -68,34 +96,36 @@ def grounding_counts(words: Sequence[Sequence[str]], attention: np.ndarray, labe
             if len(items) != 1:
                 continue
             out["with_referent"] += 1
-            y, x = centres[int(np.argmax(attention[n, t]))]
-            y0, x0, y1, x1 = boxes[n, items[0]]
-            out["grounded"] += int(y0 <= y < y1 and x0 <= x < x1)
+            out["grounded"] += inside(n, t, items[0])
     return out
 
 
 def grounding_scores(counts: Mapping[str, int]) -> dict[str, float]:
     return {"grounding": counts["grounded"] / max(counts["with_referent"], 1),
-            "item_word_precision": counts["with_referent"] / max(counts["item_words"], 1)}
+            "item_word_precision": counts["with_referent"] / max(counts["item_words"], 1),
+            "grounding_colour": counts["colour_grounded"] / max(counts["colour_with_referent"], 1)}
 
 
 # ============================================================================ pictures
 
 
-def upsample(att: np.ndarray, grid: tuple[int, int], image_hw: tuple[int, int]) -> np.ndarray:
-    """Attention over ``h x w`` regions -> ``[H, W]`` map (bilinear, region values at region centres)."""
+def upsample(att: np.ndarray, grid: tuple[int, int], image_hw: tuple[int, int],
+             geometry: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """Attention over ``h x w`` regions -> ``[H, W]`` map: bilinear between the region centres."""
     from scipy.ndimage import map_coordinates
 
     h, w = grid
     hh, ww = image_hw
-    ys = (np.arange(hh) + 0.5) * h / hh - 0.5
-    xs = (np.arange(ww) + 0.5) * w / ww - 0.5
+    y0, x0, sy, sx = geometry if geometry is not None else (hh / (2 * h), ww / (2 * w), hh / h, ww / w)
+    ys = (np.arange(hh) + 0.5 - y0) / sy  # pixel centre -> fractional region index
+    xs = (np.arange(ww) + 0.5 - x0) / sx
     yy, xx = np.meshgrid(ys, xs, indexing="ij")
     return map_coordinates(att.reshape(h, w), [yy, xx], order=1, mode="nearest")
 
 
 def save_attention_png(path: str, image: np.ndarray, words: Sequence[str], attention: np.ndarray,
-                       grid: tuple[int, int], boxes: np.ndarray | None = None, title: str = "") -> None:
+                       grid: tuple[int, int], boxes: np.ndarray | None = None, title: str = "",
+                       geometry: tuple[float, float, float, float] | None = None) -> None:
     """One PNG: the image, then one panel per word with its attention map over the image."""
     import matplotlib
 
@@ -120,7 +150,7 @@ def save_attention_png(path: str, image: np.ndarray, words: Sequence[str], atten
     for i, word in enumerate(words):
         ax = axes[(i + 1) // cols, (i + 1) % cols]
         ax.imshow(img)
-        m = upsample(attention[i], grid, img.shape[:2])
+        m = upsample(attention[i], grid, img.shape[:2], geometry)
         ax.imshow(m / max(float(m.max()), 1e-9), cmap="jet", alpha=0.5, vmin=0, vmax=1)
         ax.set_title(word, fontsize=10)
     if title:
@@ -130,7 +160,8 @@ def save_attention_png(path: str, image: np.ndarray, words: Sequence[str], atten
     plt.close(fig)
 
 
-def render_workdir(workdir: str, out_dir: str | None = None, num_images: int = 8, split: str | None = None) -> list[str]:
+def render_workdir(workdir: str, out_dir: str | None = None, num_images: int = 8,
+                   split: str | None = None) -> list[str]:
     """Decode ``num_images`` images of the eval split of a trained captioning workdir; one PNG each."""
     import json
 
@@ -138,7 +169,7 @@ def render_workdir(workdir: str, out_dir: str | None = None, num_images: int = 8
     import ml_collections
 
     from seqvis.data import pipeline as data_lib
-    from seqvis.models.captioning import make_decoder
+    from seqvis.models.captioning import make_decoder, region_geometry
     from seqvis.train import captioning as cap_task
     from seqvis.train.pretrained import _read
 
@@ -157,6 +188,7 @@ def render_workdir(workdir: str, out_dir: str | None = None, num_images: int = 8
     batch = task.host_examples(data_lib, split=split, limit=num_images)
     res = jax.device_get(decode(variables, batch["image"]))
     grid = task.feature_grid(variables)
+    geometry = region_geometry(task.model.encoder, tuple(config.data.image_shape[:2]), grid)
     if res["attention"].shape[-1] == 0:
         raise ValueError(f"config.model.name={config.model.name!r} has no attention to draw; use a "
                          "show_attend_tell or transformer workdir.")
@@ -167,7 +199,7 @@ def render_workdir(workdir: str, out_dir: str | None = None, num_images: int = 8
         path = os.path.join(out_dir, f"image_{int(batch['image_id'][n]):06d}.png")
         save_attention_png(path, batch["image"][n], words, res["attention"][n], grid,
                            boxes=batch.get("boxes", [None])[n] if "boxes" in batch else None,
-                           title=tok.decode(ids))
+                           title=tok.decode(ids), geometry=geometry)
         paths.append(path)
     return paths
 

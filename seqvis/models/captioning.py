@@ -83,6 +83,30 @@ class ViTGridEncoder(nn.Module):
         return tokens.reshape(b, images.shape[1] // sh, images.shape[2] // sw, d)
 
 
+def region_geometry(encoder: nn.Module, image_hw: tuple[int, int], grid: tuple[int, int]
+                    ) -> tuple[float, float, float, float]:
+    """Where the regions sit in the image: ``(y_0, x_0, step_y, step_x)`` in continuous pixel
+    coordinates (pixel i spans [i, i + 1)); region (r, c) is centred at ``(y_0 + r·step_y, x_0 + c·step_x)``.
+
+    - ResNet trunk with symmetric padding, total stride S: every conv / pool with kernel k,
+      stride s and padding (k-1)/2 centres output j on input s·j, so region n is centred on
+      pixel S·n: ``(½, ½, S, S)`` (the grid starts at the top-left pixel, not half a cell in).
+    - ViT patches of p px: patch n covers [p·n, p·n + p): ``(p/2, p/2, p, p)``.
+    - Anything else: the grid stretched over the image, ``(H/2h, W/2w, H/h, W/w)``.
+    """
+    from seqvis.models.resnet import ResNetEncoder
+
+    hh, ww = image_hw
+    h, w = grid
+    if isinstance(encoder, ResNetEncoder) and encoder.padding == "symmetric":
+        s = float(encoder.output_stride())
+        return 0.5, 0.5, s, s
+    if isinstance(encoder, ViTGridEncoder) and not getattr(encoder.vit, "hybrid_stages", None):
+        sh, sw = (float(v) for v in encoder.vit.stride())
+        return sh / 2, sw / 2, sh, sw
+    return hh / (2 * h), ww / (2 * w), hh / h, ww / w
+
+
 def _regions(fmap: Array) -> Array:
     """Feature map ``[B, h, w, D]`` -> regions ``[B, h·w, D]`` (row-major)."""
     if fmap.ndim != 4:

@@ -416,13 +416,14 @@ class CaptioningTask(Task):
         variables = jax.device_put(variables, jax.local_devices()[0])
         grid = self.feature_grid(variables)
         h, w, _ = config.data.image_shape
+        geometry = cap.region_geometry(model.encoder, (h, w), grid)
         grounding_ok = config.data.get("name") == "fashion_scenes"
         if grounding_ok:
             from seqvis.data.builders import fashion_scenes as fs
 
             nouns, colours = fs.noun_classes(), fs.colour_ids()
         ids_all, masks, out_tokens = [], [], {m: [] for m in decoders}
-        counts = {m: {"item_words": 0, "with_referent": 0, "grounded": 0} for m in decoders}
+        counts = {m: dict.fromkeys(am.COUNT_KEYS, 0) for m in decoders}
         has_attention = False
         for batch in self.host_examples(data_lib):
             keep = batch["mask"] > 0
@@ -437,7 +438,7 @@ class CaptioningTask(Task):
                     words = [token_words(t, tok) for t in res["tokens"][keep]]
                     c = am.grounding_counts(words, att, batch["labels"][keep], batch["colours"][keep],
                                             batch["boxes"][keep], grid=grid, image_hw=(h, w), noun_classes=nouns,
-                                            colour_ids=colours)
+                                            colour_ids=colours, geometry=geometry)
                     for k in c:
                         counts[m][k] += c[k]
         if not ids_all:
@@ -466,7 +467,8 @@ class CaptioningTask(Task):
             for k, v in scores.items():
                 results[f"{m}_{k}"] = v
             caps_by_method[m] = cands
-        for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "grounding", "item_word_precision"):
+        for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "grounding", "item_word_precision",
+                  "grounding_colour"):
             if f"beam_{k}" in results:
                 results[k] = results[f"beam_{k}"]
         results["beam_size"] = int(dec.beam_size)
@@ -512,9 +514,49 @@ def _gather_processes(ids, keep, tokens, counts):
 
     g = multihost_utils.process_allgather(
         {"ids": ids, "keep": keep, **{f"tok_{m}": t for m, t in tokens.items()}}, tiled=True)
-    c = multihost_utils.process_allgather(
-        {m: np.asarray([v["item_words"], v["with_referent"], v["grounded"]]) for m, v in counts.items()})
-    counts = {m: dict(zip(("item_words", "with_referent", "grounded"), np.asarray(c[m]).sum(0).tolist()))
-              for m in counts}
+    from seqvis.analysis.attention_maps import COUNT_KEYS
+
+    c = multihost_utils.process_allgather({m: np.asarray([v[k] for k in COUNT_KEYS]) for m, v in counts.items()})
+    counts = {m: dict(zip(COUNT_KEYS, np.asarray(c[m]).sum(0).tolist())) for m in counts}
     return (np.asarray(g["ids"]), np.asarray(g["keep"]).astype(bool), {m: np.asarray(g[f"tok_{m}"]) for m in tokens},
             counts)
+
+
+# ============================================================================ re-evaluation
+
+
+def evaluate_workdir(workdir: str) -> dict[str, Any]:
+    """Run the final evaluation again from the newest checkpoint of a captioning workdir.
+
+    The new values are merged into ``workdir/results.json`` (training fields are kept)."""
+    import ml_collections
+
+    from seqvis.data import pipeline as data_lib
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if config.get("task") != "captioning":
+        raise ValueError(f"{workdir} is not a captioning workdir (config.task={config.get('task')!r}).")
+    task = CaptioningTask(config)
+    task.setup(workdir, data_lib)
+    results = task.final_evaluation(restore_variables(workdir), config, workdir, data_lib)
+    path = os.path.join(workdir, "results.json")
+    old = json.load(open(path)) if os.path.exists(path) else {}
+    if jax.process_index() == 0:
+        _write_json(path, {**old, **results})
+    return {**old, **results}
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Re-run the captioning final evaluation of a trained workdir.")
+    p.add_argument("--workdir", required=True)
+    a = p.parse_args(argv)
+    out = evaluate_workdir(a.workdir)
+    print(json.dumps({k: v for k, v in out.items() if not isinstance(v, (dict, list))}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
+
