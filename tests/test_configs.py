@@ -29,6 +29,10 @@ def load(path, arg):
     return mod.get_config(arg)
 
 
+# Video (issue 5): every temporal model on the offline clips (mocked here) and UCF101 on mock data.
+ARGS["video.py"] = ["mean", "lstm", "gru", "transformer", "tconv", "transformer,ucf101"]
+
+
 def cases():
     for path in CONFIGS:
         for arg in ARGS.get(os.path.basename(path), [None]):
@@ -59,6 +63,8 @@ def shrink(config):
         config.model.width = 8
         if config.model.get("norm") == "group":
             config.model.num_groups = 4
+    if config.model.get("name") == "video":
+        shrink_video(config)
     config.batch_size = 16
     config.eval_batch_size = 16
     config.total_steps = 1
@@ -70,6 +76,14 @@ def shrink(config):
     # orbax save running in the background at that moment would write into the mock.
     config.async_checkpointing = False
     return config
+
+
+def shrink_video(config):
+    config.model.update(embed_dim=16, width=16, mlp_dim=32, num_heads=2, num_layers=1)
+    if config.model.backbone == "cnn":
+        config.model.backbone_kwargs.channels = (4, 8)
+    else:  # ResNet frames (ucf101)
+        config.model.backbone_kwargs.update(stage_sizes=(1, 1, 1, 1), width=8, num_groups=4)
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,11 @@
 """Moving-item clips and video pp ops: geometry against hand-worked cases, motion semantics
 measured on the rendered pixels, exact time-reversal pairs, the tfds builder, the tf.data ops."""
 
-import gzip
-import struct
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_train import write_idx
 
 from seqvis.data import preprocess, video_ops
 from seqvis.data.builders import LOCAL_BUILDERS
@@ -162,11 +161,6 @@ def test_bad_builder_kwargs(kwargs, message, tmp_path):
 # --------------------------------------------------------------------------- tfds builder
 
 
-def _write_idx(path, array):
-    with gzip.open(path, "wb") as f:
-        f.write(struct.pack(">I", {1: 0x801, 3: 0x803}[array.ndim]))
-        f.write(struct.pack(">" + "I" * array.ndim, *array.shape))
-        f.write(array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +168,8 @@ def fake_idx(tmp_path_factory):
     """Train items all of class 3, test items all of class 7 (so we can tell the splits apart)."""
     d = tmp_path_factory.mktemp("idx")
     for prefix, n, cls in (("train", 30, 3), ("t10k", 20, 7)):
-        _write_idx(d / f"{prefix}-images-idx3-ubyte.gz", marked_items(n))
-        _write_idx(d / f"{prefix}-labels-idx1-ubyte.gz", np.full(n, cls))
+        write_idx(d / f"{prefix}-images-idx3-ubyte.gz", marked_items(n))
+        write_idx(d / f"{prefix}-labels-idx1-ubyte.gz", np.full(n, cls))
     return str(d)
 
 

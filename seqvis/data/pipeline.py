@@ -104,6 +104,17 @@ def num_examples(cfg: Any, split: str) -> int:
         raise DataError(f"config.data split {split!r} is not a split of {builder.name}: {e}") from e
 
 
+def _split_size(builder, split: str, ds, counted: bool) -> int:
+    """Examples in ``split``: counted through ``ds`` when it is cached (one pass fills the cache),
+    else read from the dataset info, counting only when the info has no split sizes (mock data)."""
+    if not counted:
+        try:
+            return int(builder.info.splits[split].num_examples)
+        except KeyError:
+            pass
+    return sum(1 for _ in ds)
+
+
 def _defaults(process_index, process_count, local_device_count):
     import jax
 
@@ -138,7 +149,7 @@ def train_iterator(cfg: Any, *, global_batch_size: int, seed: int, start_step: i
     base = _as_dataset(builder, split, cfg)
     if cfg.get("cache", True):
         base = base.cache()
-    n = sum(1 for _ in base) if cfg.get("cache", True) else int(builder.info.splits[split].num_examples)
+    n = _split_size(builder, split, base, counted=bool(cfg.get("cache", True)))
     if n < per_proc:
         raise DataError(f"split {split!r} has {n} examples, fewer than one per-process batch ({per_proc}).")
     start = start_step * per_proc
