@@ -51,6 +51,14 @@ def _percent_minor(v: float, _pos=None) -> str:
     return _percent(v) if any(abs(mantissa - m) < 1e-6 for m in (2, 3, 5)) else ""
 
 
+def _sci_minor(v: float, _pos=None) -> str:
+    if v <= 0:
+        return ""
+    e = math.floor(math.log10(v))
+    m = round(v / 10 ** e, 6)
+    return rf"${m:g}\times10^{{{e}}}$" if m in (2, 5) else ""
+
+
 def _log_axes(ax, xlabel: str, ylabel: str, percent_y: bool = True) -> None:
     """Log-log axes with grids; an error axis is labelled in percent."""
     from matplotlib import ticker
@@ -61,6 +69,9 @@ def _log_axes(ax, xlabel: str, ylabel: str, percent_y: bool = True) -> None:
     ax.set_ylabel(ylabel)
     ax.grid(True, which="major", alpha=0.4)
     ax.grid(True, which="minor", alpha=0.15)
+    lo, hi = ax.get_xlim()
+    if 4 <= hi / lo < 100:  # 1-2 decades: minor labels at 2 and 5 × 10^k only (wider: none, the default)
+        ax.xaxis.set_minor_formatter(ticker.FuncFormatter(_sci_minor))
     if percent_y:
         lo, hi = ax.get_ylim()
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(_percent))
