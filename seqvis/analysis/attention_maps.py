@@ -32,6 +32,14 @@ import numpy as np
 COUNT_KEYS = ("item_words", "with_referent", "grounded", "colour_words", "colour_with_referent", "colour_grounded")
 
 
+def _geometry(grid, image_hw, geometry):
+    """``geometry``, or by default the grid stretched over the image (region r centred at (r + ½)·H/h)."""
+    if geometry is not None:
+        return geometry
+    (h, w), (hh, ww) = grid, image_hw
+    return hh / (2 * h), ww / (2 * w), hh / h, ww / w
+
+
 def region_centres(grid: tuple[int, int], image_hw: tuple[int, int],
                    geometry: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """Centres ``[h·w, 2]`` (y, x) of the regions, in continuous pixel coordinates (pixel i spans [i, i+1)).
@@ -40,8 +48,7 @@ def region_centres(grid: tuple[int, int], image_hw: tuple[int, int],
     (where the encoder's receptive fields are centred); default: the grid stretched over the image.
     """
     h, w = grid
-    hh, ww = image_hw
-    y0, x0, sy, sx = geometry if geometry is not None else (hh / (2 * h), ww / (2 * w), hh / h, ww / w)
+    y0, x0, sy, sx = _geometry(grid, image_hw, geometry)
     r, c = np.divmod(np.arange(h * w), w)
     return np.stack([y0 + r * sy, x0 + c * sx], axis=1)
 
@@ -65,8 +72,7 @@ def grounding_counts(words: Sequence[Sequence[str]], attention: np.ndarray, labe
       colour word is the item of that colour).
     """
     centres = region_centres(grid, image_hw, geometry)
-    out = {"item_words": 0, "with_referent": 0, "grounded": 0,
-           "colour_words": 0, "colour_with_referent": 0, "colour_grounded": 0}
+    out = dict.fromkeys(COUNT_KEYS, 0)
 
     def inside(n, t, k):
         y, x = centres[int(np.argmax(attention[n, t]))]
@@ -116,7 +122,7 @@ def upsample(att: np.ndarray, grid: tuple[int, int], image_hw: tuple[int, int],
 
     h, w = grid
     hh, ww = image_hw
-    y0, x0, sy, sx = geometry if geometry is not None else (hh / (2 * h), ww / (2 * w), hh / h, ww / w)
+    y0, x0, sy, sx = _geometry(grid, image_hw, geometry)
     ys = (np.arange(hh) + 0.5 - y0) / sy  # pixel centre -> fractional region index
     xs = (np.arange(ww) + 0.5 - x0) / sx
     yy, xx = np.meshgrid(ys, xs, indexing="ij")
@@ -163,22 +169,14 @@ def save_attention_png(path: str, image: np.ndarray, words: Sequence[str], atten
 def render_workdir(workdir: str, out_dir: str | None = None, num_images: int = 8,
                    split: str | None = None) -> list[str]:
     """Decode ``num_images`` images of the eval split of a trained captioning workdir; one PNG each."""
-    import json
-
     import jax
-    import ml_collections
 
     from seqvis.data import pipeline as data_lib
     from seqvis.models.captioning import make_decoder, region_geometry
     from seqvis.train import captioning as cap_task
-    from seqvis.train.pretrained import _read
 
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    if config.get("task") != "captioning":
-        raise ValueError(f"{workdir} is not a captioning workdir (config.task={config.get('task')!r}).")
-    task = cap_task.CaptioningTask(config)
-    task.setup(workdir, data_lib)  # loads the workdir's vocabulary
+    task = cap_task.workdir_task(workdir, data_lib)  # with the workdir's vocabulary
+    config = task.config
     variables = cap_task.restore_variables(workdir)
     tok = task.tokenizer
     decode = make_decoder(task.model, method="greedy", max_steps=task.max_len - 1, bos_id=tok.bos_id,

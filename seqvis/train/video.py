@@ -157,7 +157,6 @@ class VideoTask(Task):
 
     # ------------------------------------------------------------------ evaluation
     def final_evaluation(self, variables, config, workdir, data_lib) -> dict[str, Any]:
-        self._check_reverse_labels()
         partner = self.reverse_labels
         if partner is None:
             return {}
