@@ -43,20 +43,23 @@ def _percent(v: float, _pos=None) -> str:
     return f"{100 * v:.3g}%"
 
 
+def _is_mantissa(v: float, keep: Sequence[int]) -> tuple[bool, int]:
+    """Whether ``v = m × 10^e`` with m in ``keep``; and e."""
+    e = math.floor(math.log10(v))
+    return any(abs(v / 10 ** e - m) < 1e-6 for m in keep), e
+
+
 def _percent_minor(v: float, _pos=None) -> str:
     """Label minor ticks at 2, 3 and 5 × 10^k only (readable on a log axis)."""
-    if v <= 0:
-        return ""
-    mantissa = v / 10 ** math.floor(math.log10(v))
-    return _percent(v) if any(abs(mantissa - m) < 1e-6 for m in (2, 3, 5)) else ""
+    return _percent(v) if v > 0 and _is_mantissa(v, (2, 3, 5))[0] else ""
 
 
 def _sci_minor(v: float, _pos=None) -> str:
+    """``2×10^e`` and ``5×10^e`` minor labels, nothing elsewhere."""
     if v <= 0:
         return ""
-    e = math.floor(math.log10(v))
-    m = round(v / 10 ** e, 6)
-    return rf"${m:g}\times10^{{{e}}}$" if m in (2, 5) else ""
+    ok, e = _is_mantissa(v, (2, 5))
+    return rf"${round(v / 10 ** e):d}\times10^{{{e}}}$" if ok else ""
 
 
 def _log_axes(ax, xlabel: str, ylabel: str, percent_y: bool = True) -> None:

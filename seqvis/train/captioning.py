@@ -525,13 +525,9 @@ def _gather_processes(ids, keep, tokens, counts):
 # ============================================================================ re-evaluation
 
 
-def evaluate_workdir(workdir: str) -> dict[str, Any]:
-    """Run the final evaluation again from the newest checkpoint of a captioning workdir.
-
-    The new values are merged into ``workdir/results.json`` (training fields are kept)."""
+def workdir_task(workdir: str, data_lib: Any) -> "CaptioningTask":
+    """The task of a trained captioning workdir, from its ``config.json``, with its vocabulary loaded."""
     import ml_collections
-
-    from seqvis.data import pipeline as data_lib
 
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
@@ -539,9 +535,22 @@ def evaluate_workdir(workdir: str) -> dict[str, Any]:
         raise ValueError(f"{workdir} is not a captioning workdir (config.task={config.get('task')!r}).")
     task = CaptioningTask(config)
     task.setup(workdir, data_lib)
-    results = task.final_evaluation(restore_variables(workdir), config, workdir, data_lib)
+    return task
+
+
+def evaluate_workdir(workdir: str) -> dict[str, Any]:
+    """Run the final evaluation again from the newest checkpoint of a captioning workdir.
+
+    The new values are merged into ``workdir/results.json`` (training fields are kept)."""
+    from seqvis.data import pipeline as data_lib
+
+    task = workdir_task(workdir, data_lib)
+    results = task.final_evaluation(restore_variables(workdir), task.config, workdir, data_lib)
     path = os.path.join(workdir, "results.json")
-    old = json.load(open(path)) if os.path.exists(path) else {}
+    old = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
     if jax.process_index() == 0:
         _write_json(path, {**old, **results})
     return {**old, **results}
