@@ -100,31 +100,34 @@ _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # ---------------------------------------------------------------------- layers
 
 
-def standardize_weight(kernel: Array, eps: float = 1e-8) -> Array:
+def standardize_weight(kernel: Array, eps: float = 1e-5) -> Array:
     """Weight standardisation of a conv kernel ``[kh, kw, cin, cout]``, per output channel.
 
-    ``W' = (W − mean(W)) / sqrt(var(W) + eps)`` with mean and (biased) variance over
-    ``(kh, kw, cin)``, so each output channel's filter has zero mean and unit variance.
-    Computed in float32 and returned in the kernel's dtype.
+    ``W' = (W − mean(W)) / (std(W) + eps)`` with mean and (biased) standard deviation over
+    ``(kh, kw, cin)``, so each output channel's filter has zero mean and unit variance. The
+    epsilon is added to the standard deviation and is 1e-5, as in the official ViT-hybrid
+    and BiT code (``vit_jax/models_resnet.py``, ``big_vision/models/bit.py``), so published
+    GroupNorm+WS weights give the published outputs. Computed in float32, returned in the
+    kernel's dtype.
     """
     w = kernel.astype(jnp.float32)
     mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
-    var = jnp.var(w, axis=(0, 1, 2), keepdims=True)
-    return ((w - mean) * jax.lax.rsqrt(var + eps)).astype(kernel.dtype)
+    std = jnp.sqrt(jnp.mean(jnp.square(w - mean), axis=(0, 1, 2), keepdims=True))
+    return ((w - mean) / (std + eps)).astype(kernel.dtype)
 
 
 class StdConv(nn.Conv):
     """``nn.Conv`` whose kernel is weight-standardised on every call (Qiao et al. 2019).
 
     The stored parameter ``kernel [kh, kw, cin, cout]`` is the raw W; the convolution uses
-    ``W' = (W − mean) / sqrt(var + ws_eps)``, mean and variance over ``(kh, kw, cin)`` for
-    each output channel (:func:`standardize_weight`). The output is therefore unchanged by
-    ``W -> a·W + b`` for any a > 0 and b per output channel; paired with GroupNorm this
-    replaces BatchNorm's smoothing of the loss landscape without batch statistics.
+    ``W' = (W − mean) / (std + ws_eps)``, mean and standard deviation over ``(kh, kw, cin)``
+    for each output channel (:func:`standardize_weight`). The output is therefore unchanged by
+    ``W -> a·W + b`` for any a > 0 and b per output channel (up to ws_eps); paired with
+    GroupNorm this replaces BatchNorm's smoothing of the loss landscape without batch statistics.
     Shapes are those of ``nn.Conv``: ``[B, H, W, cin] -> [B, H', W', cout]``.
     """
 
-    ws_eps: float = 1e-8
+    ws_eps: float = 1e-5
 
     def param(self, name: str, init_fn, *init_args, **init_kwargs):
         value = super().param(name, init_fn, *init_args, **init_kwargs)

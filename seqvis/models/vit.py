@@ -60,9 +60,13 @@ VARIANTS: dict[str, Variant] = {
     "G": Variant(1664, 48, 8192, 16),
 }
 
-# ResNet trunks for hybrids, as in the ViT paper (R50 with its 4th stage removed and the
-# 3rd stage extended to 9 blocks: total stride 16).
-HYBRID_TRUNKS: dict[str, tuple[int, ...]] = {"R26": (2, 2, 2), "R50": (3, 4, 9)}
+# ResNet trunks for hybrids, by name and effective patch size (= trunk stride, 1x1 patches on
+# the trunk), as published: R50+B/16 is R50 with its 4th stage removed and the 3rd stage
+# extended to 9 blocks (stride 16); the /32 hybrids (R26+S/32, R26+B/32, R50+L/32) keep 4 stages.
+HYBRID_TRUNKS: dict[str, dict[int, tuple[int, ...]]] = {
+    "R26": {16: (2, 2, 2), 32: (2, 2, 2, 2)},
+    "R50": {16: (3, 4, 9), 32: (3, 4, 6, 3)},
+}
 
 POOLS = ("token", "gap")
 POSEMBS = ("learned", "sincos2d")
@@ -153,7 +157,8 @@ class ViT(nn.Module):
     def stride(self) -> tuple[int, int]:
         """Total downsampling from pixels to tokens (patch size × hybrid trunk stride)."""
         ph, pw = _pair(self.patch_size)
-        trunk = 16 if self.hybrid_stages else 1
+        # ImageNet stem (stride 4), then every stage after the first halves the map.
+        trunk = 4 * 2 ** (len(self.hybrid_stages) - 1) if self.hybrid_stages else 1
         return ph * trunk, pw * trunk
 
     def check_image_size(self, image_size: int | Sequence[int]) -> None:
@@ -162,7 +167,7 @@ class ViT(nn.Module):
         sh, sw = self.stride()
         if h % sh or w % sw:
             what = f"patch size {_pair(self.patch_size)}" + (
-                " times the hybrid trunk stride 16" if self.hybrid_stages else "")
+                f" times the hybrid trunk stride {sh // _pair(self.patch_size)[0]}" if self.hybrid_stages else "")
             raise ValueError(
                 f"Image size {(h, w)} is not divisible by the {what}. Resize the images "
                 f"(e.g. a 'resize({(h // sh) * sh or sh})' preprocessing op) or choose a patch size "
@@ -256,9 +261,11 @@ def parse_name(name: str) -> dict[str, Any]:
         trunk = m.group("trunk")
         if trunk not in HYBRID_TRUNKS:
             raise ValueError(f"Unknown hybrid trunk {trunk!r}; valid: {', '.join(HYBRID_TRUNKS)}.")
-        if (ph, pw) != (16, 16):
-            raise ValueError(f"Hybrid {name!r}: the trunk has stride 16, so write {trunk}+{v}/16.")
-        kw.update(hybrid_stages=HYBRID_TRUNKS[trunk], patch_size=(1, 1))
+        strides = HYBRID_TRUNKS[trunk]
+        if ph != pw or ph not in strides:
+            raise ValueError(f"Hybrid {name!r}: the {trunk} trunk comes with stride "
+                             f"{' or '.join(map(str, strides))}, so write e.g. {trunk}+{v}/{min(strides)}.")
+        kw.update(hybrid_stages=strides[ph], patch_size=(1, 1))
     else:
         kw["patch_size"] = (ph, pw)
     return kw
@@ -289,19 +296,36 @@ def build(name: str, num_classes: int | None = 1000, image_size: int | Sequence[
 # ---------------------------------------------------------------------- fine-tuning
 
 
+def _linear_zoom_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``[n_out, n_in]`` linear interpolation weights with the corners aligned.
+
+    Output sample o sits at input coordinate ``o·(n_in − 1)/(n_out − 1)`` (0 if n_out = 1),
+    the coordinates ``scipy.ndimage.zoom(..., order=1)`` uses, and mixes its two neighbours.
+    """
+    m = np.zeros((n_out, n_in))
+    pos = np.arange(n_out) * ((n_in - 1) / (n_out - 1)) if n_out > 1 else np.zeros(1)
+    lo = np.clip(np.floor(pos).astype(int), 0, n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = pos - lo
+    np.add.at(m, (np.arange(n_out), lo), 1.0 - frac)
+    np.add.at(m, (np.arange(n_out), hi), frac)
+    return m
+
+
 def resample_posemb(posemb: Array, new_grid: int | Sequence[int], num_prefix_tokens: int | None = None) -> Array:
     """Resize learned position embeddings to a new patch grid (fine-tuning at another resolution).
 
     Args:
-      posemb: ``[1, P + gh*gw, D]`` with P prefix (class) tokens in front of a square or
-        given grid.
+      posemb: ``[1, P + g*g, D]`` with P prefix (class) tokens in front of a square grid.
       new_grid: the new (gh', gw') grid (or one int for square).
       num_prefix_tokens: P; inferred if None (0 if the length is a perfect square, else 1).
     Returns:
-      ``[1, P + gh'*gw', D]``: the prefix embeddings unchanged, the grid part resized with
-      bilinear interpolation.
+      ``[1, P + gh'*gw', D]``: the prefix embeddings unchanged, the grid part zoomed linearly
+      with aligned corners, as the official ViT code does (``scipy.ndimage.zoom(grid, zoom,
+      order=1)``), so published checkpoints fine-tune as they were meant to. Computed on the
+      host in float64 and returned in the input dtype.
     """
-    posemb = jnp.asarray(posemb)
+    posemb = np.asarray(posemb)
     n = posemb.shape[1]
     if num_prefix_tokens is None:
         num_prefix_tokens = 0 if math.isqrt(n) ** 2 == n else 1
@@ -314,5 +338,7 @@ def resample_posemb(posemb: Array, new_grid: int | Sequence[int], num_prefix_tok
         )
     gh, gw = _pair(new_grid)
     d = grid.shape[-1]
-    resized = jax.image.resize(grid.reshape(1, g, g, d), (1, gh, gw, d), method="bilinear")
-    return jnp.concatenate([prefix, resized.reshape(1, gh * gw, d).astype(posemb.dtype)], axis=1)
+    zy, zx = _linear_zoom_matrix(g, gh), _linear_zoom_matrix(g, gw)
+    resized = np.einsum("yi,xj,ijd->yxd", zy, zx, grid.reshape(g, g, d).astype(np.float64))
+    resized = resized.reshape(1, gh * gw, d).astype(posemb.dtype)
+    return jnp.asarray(np.concatenate([prefix, resized], axis=1))
