@@ -35,7 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed = ml_collections.ConfigDict(dict(
         coordinator_address="", num_processes=1, process_id=0, cpu_collectives=""))
 
-    c.init_from = ""  # a seqvis workdir/checkpoint or an official ViT .npz to start from
+    c.init_from = ""  # a seqvis workdir/checkpoint, an official ViT .npz or a timm .safetensors to start from
+    c.init_from_allow_partial = False  # True: model parameters missing from init_from keep their init
 
     c.log_every_steps = 50
     c.eval_every_steps = 0  # 0: evaluate only at the end
