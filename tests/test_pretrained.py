@@ -160,7 +160,7 @@ def test_big_vision_layout_gap_and_token(tmp_path):
     renames = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0", "LayerNorm_2": "LayerNorm_1",
                "MlpBlock_3": "MlpBlock_0"}
     for pool in ("token", "gap"):
-        model, src, x = _tiny(seed=1, pool=pool)
+        _, src, _ = _tiny(seed=1, pool=pool)
         pe = src["Transformer"]["posembed_input"]["pos_embedding"]
         if pool == "token":  # big_vision adds no posemb to the class token: zero entry in seqvis
             pe[:, :1] = 0.0
@@ -206,7 +206,7 @@ def test_posemb_resampled_like_official_zoom(tmp_path):
 
 
 def test_hybrid_official_layout_with_old_groupnorm_shapes(tmp_path):
-    model, src, x = _tiny(seed=1, name="R26+mu/16", image=32, hybrid_width=32)
+    _, src, _ = _tiny(seed=1, name="R26+mu/16", image=32, hybrid_width=32)
     _, template, _ = _tiny(seed=0, name="R26+mu/16", image=32, hybrid_width=32)
     flat = pretrained.to_official_layout(src)
     assert "conv_root/kernel" in flat and "block1/unit1/conv_proj/kernel" in flat and "ResNet" not in str(list(flat))
@@ -338,7 +338,7 @@ def test_timm_safetensors_logits_match_numpy_reference(tmp_path):
 
 def test_timm_export_import_round_trip_is_bit_exact(tmp_path):
     for kw in ({}, {"scan_layers": True}, {"representation_size": 16}, {"pool": "gap"}):
-        model, src, x = _tiny(seed=3, **kw)
+        _, src, _ = _tiny(seed=3, **kw)
         path = str(tmp_path / "export.safetensors")
         sd = timm_io.export_timm(src, path)
         assert sd["blocks.1.attn.qkv.weight"].shape == (3 * 32, 32) and sd["patch_embed.proj.weight"].shape == (32, 3, 8, 8)
