@@ -330,6 +330,13 @@ def test_timm_safetensors_logits_match_numpy_reference(tmp_path):
     logits = _logits(model, params, x)
     ref = _reference_forward(sd, x, gelu_tanh)
     np.testing.assert_allclose(logits, ref, atol=2e-5, rtol=1e-5)  # same function, float32 vs float64
+    # qkv_bias=False models store no qkv bias: zero biases, same function.
+    nobias = {k: (np.zeros_like(v) if k.endswith("attn.qkv.bias") else v) for k, v in sd.items()}
+    timm_io.write_safetensors(path, {k: v for k, v in sd.items() if not k.endswith("attn.qkv.bias")})
+    params_nb, report_nb = pretrained.load_pretrained(path, template, return_report=True)
+    assert report_nb.fresh == [] and report_nb.unused == []
+    np.testing.assert_allclose(_logits(model, params_nb, x), _reference_forward(nobias, x, gelu_tanh),
+                               atol=2e-5, rtol=1e-5)
     # Against timm's own exact-erf GELU the difference is small but not zero (README: measured).
     pytest.importorskip("scipy")
     diff = np.abs(logits - _reference_forward(sd, x, gelu_exact)).max()

@@ -143,6 +143,7 @@ def timm_to_seqvis(state_dict: Mapping[str, np.ndarray], num_heads: int) -> tupl
     """A timm ViT state dict -> (seqvis parameter tree in the unrolled layout, timm keys not mapped).
 
     ``num_heads`` is needed to split the fused qkv projection into heads (timm does not store it).
+    Models built with ``qkv_bias=False`` get zero query/key/value biases (the same function).
     """
     flat: dict[tuple[str, ...], np.ndarray] = {}
     unused = []
@@ -167,6 +168,12 @@ def timm_to_seqvis(state_dict: Mapping[str, np.ndarray], num_heads: int) -> tupl
             pass
         else:
             unused.append(name)
+    for i in sorted({int(m.group(1)) for k in state_dict if (m := _BLOCK.match(k))}):
+        mha = ("Transformer", f"encoderblock_{i}", "MultiHeadDotProductAttention_1")
+        if f"blocks.{i}.attn.qkv.weight" in state_dict and f"blocks.{i}.attn.qkv.bias" not in state_dict:
+            for part in ("query", "key", "value"):  # qkv_bias=False: a zero bias computes the same
+                kernel = flat[mha + (part, "kernel")]
+                flat[mha + (part, "bias")] = np.zeros(kernel.shape[1:], kernel.dtype)
     return traverse_util.unflatten_dict(flat), unused
 
 
