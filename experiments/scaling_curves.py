@@ -82,6 +82,11 @@ def read_results(paths: Sequence[str]) -> tuple[list[dict], list[dict]]:
             latest: dict[str, dict] = {}
             for row in reader:
                 r = {k: (_num(v) if k in NUMERIC else v) for k, v in row.items()}
+                bad = [(k, r[k]) for k in NUMERIC if isinstance(r.get(k), str)]
+                if bad:
+                    k, v = bad[0]
+                    raise ReportError(f"--results: {path} line {reader.line_num}, column {k!r}: {v!r} is not a number. "
+                                      "Fix or delete that row (or re-run the sweep command to regenerate the file).")
                 if isinstance(r.get("patch"), str) and r["patch"].isdigit():
                     r["patch"] = int(r["patch"])
                 for c in NUMERIC + ("patch", "config", "overrides", "label", "message"):

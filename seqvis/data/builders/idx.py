@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -28,13 +29,25 @@ class IdxError(ValueError):
 
 
 def read_idx(path: str) -> np.ndarray:
-    """Read one IDX file (optionally gzipped) into a numpy array, validating the header."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    """Read one IDX file (gzipped or not, whatever its name says) into a numpy array,
+    validating the header. Any problem raises :class:`IdxError` naming the file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise IdxError(f"{path}: cannot be read ({e.strerror or e}); check the file and its permissions.") from e
+    if data[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise IdxError(f"{path}: the gzip data is truncated or corrupt ({e}); re-download the file (or "
+                           "decompress a good copy next to it).") from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
-        raise IdxError(f"{path} is not an IDX file (bad magic number {data[:4].hex()}); re-download it.")
+        start = f"starts with bytes {data[:4].hex()}" if data else "is empty"
+        raise IdxError(f"{path} is neither an IDX file nor a gzipped one (it {start}); re-download it.")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise IdxError(f"{path}: the IDX header is cut short (the file is truncated); re-download it.")
     dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
     dtype = np.dtype(_DTYPES[data[2]])
     expected = int(np.prod(dims)) * dtype.itemsize
