@@ -3,10 +3,19 @@
 Each checkpoint holds three items: ``state`` (the train state as host arrays), ``meta``
 (JSON: step, data position, examples seen, seed, process count, wall time so far) and
 ``config`` (JSON: the full experiment config). The batch at step s is a function of
-(seed, s), so the step *is* the data position: a resumed run continues the same stream.
+(seed, s, batch size, process count, data config), so the step *is* the data position
+as long as those are unchanged: :func:`resume_problems` compares them before anything
+is restored or written.
 
-Restoring tries the newest checkpoint first and falls back to older ones when a
-checkpoint cannot be read (a run killed mid-write, a corrupt file); nothing is deleted.
+What can go wrong on disk, and what happens:
+
+- a run killed mid-write leaves ``<step>.orbax-checkpoint-tmp*``: an unfinished write,
+  removed when the next run opens the directory (it never was a checkpoint);
+- a step that cannot be read (corrupt file, truncated write on a full disk) is moved
+  aside to ``workdir/checkpoints.unreadable/`` (renamed, never deleted) once an older
+  step has been restored instead, so the re-trained step can be saved again;
+- a save that fails (disk full...) stops training with one message; the failed step's
+  unfinished directory is removed, earlier checkpoints are untouched.
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -22,9 +33,15 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
-# Fields of the config that change the shapes of the saved state: resuming with other
-# values would fail deep inside orbax, so they are compared first.
+UNREADABLE_DIR = "checkpoints.unreadable"
+
+# Fields of the config that change the shapes of the saved state.
 _STRUCTURAL = ("task", "model", "data.num_classes", "data.image_shape", "optimizer.name")
+# Fields that change the data stream: the batch at step s would not be the one an
+# uninterrupted run sees. Compared unless config.resume == "allow_data_change".
+DATA_STREAM = ("batch_size", "seed", "data.name", "data.train_split", "data.pp_train", "data.shuffle_buffer",
+               "data.mixup", "data.builder_kwargs", "data.num_frames")
+ALLOW_DATA_CHANGE = "allow_data_change"
 
 
 class CheckpointError(RuntimeError):
@@ -39,70 +56,287 @@ def _get(cfg: dict, dotted: str):
     return cfg
 
 
+def _opt_structure(cfg: dict) -> dict:
+    """The parts of config.optimizer that decide the optimiser state's tree structure
+    (see seqvis.train.optim.make_optimizer): clipping on/off, and for sgd momentum and
+    weight decay on/off. Values such as the clip norm itself can change freely."""
+    opt = _get(cfg, "optimizer") or {}
+    out = {"optimizer.grad_clip_norm": "on" if opt.get("grad_clip_norm") else "off"}
+    if opt.get("name") == "sgd":
+        out["optimizer.momentum"] = "on" if opt.get("momentum", 0.9) else "off"
+        out["optimizer.weight_decay"] = "on" if opt.get("weight_decay") else "off"
+    elif opt.get("name") == "adafactor":
+        out["optimizer.weight_decay"] = "on" if opt.get("weight_decay") else "off"
+    return out
+
+
+def _flag(field: str, value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return f"--config.{field}='{json.dumps(value)}'"
+    return f"--config.{field}={value}"
+
+
+def resume_problems(saved: dict, current: dict, saved_meta: dict | None, process_count: int,
+                    ) -> tuple[list[str], list[str]]:
+    """``(structural, data_stream)`` differences between the config a checkpoint was written
+    with and the current one: one line per field, each saying the fix."""
+    structural, stream = [], []
+    for k in _STRUCTURAL:
+        a, b = _get(saved, k), _get(current, k)
+        if a != b:
+            structural.append(f"config.{k}: saved {json.dumps(a)}, now {json.dumps(b)} (changes the shapes of the "
+                              f"saved state). To resume: {_flag(k, a) if not isinstance(a, dict) else 'restore the saved values'}.")
+    if _get(saved, "optimizer.name") == _get(current, "optimizer.name"):
+        sa, sb = _opt_structure(saved), _opt_structure(current)
+        for k in sa:
+            if sa[k] != sb.get(k):
+                structural.append(
+                    f"config.{k}: saved {json.dumps(_get(saved, k))} ({k.split('.')[-1]} {sa[k]}), now "
+                    f"{json.dumps(_get(current, k))} ({sb.get(k)}): this changes the structure of the optimiser state. "
+                    f"To resume: {_flag(k, _get(saved, k))}; to train with the new value, use a new --workdir "
+                    "with --config.init_from=THIS_WORKDIR (parameters kept, fresh optimiser).")
+    for k in DATA_STREAM:
+        a, b = _get(saved, k), _get(current, k)
+        if a != b and not (a is None and k.startswith("data.") and k not in ("data.name", "data.pp_train")):
+            stream.append(f"config.{k}: saved {json.dumps(a)}, now {json.dumps(b)}. To resume exactly: {_flag(k, a)}.")
+    saved_pc = (saved_meta or {}).get("process_count")
+    if saved_pc is not None and int(saved_pc) != int(process_count):
+        stream.append(f"process count: saved {saved_pc}, now {process_count} (each process reads its own shard). "
+                      f"To resume exactly: run on {saved_pc} processes.")
+    return structural, stream
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:400]
+
+
+def _is_structure_mismatch(e: BaseException) -> bool:
+    msg = str(e)
+    return "tree structures do not match" in msg or "Dict key mismatch" in msg
+
+
 class Checkpointer:
-    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
+    """``keep`` >= 1 newest checkpoints are kept; ``chief`` renames and removes directories.
+
+    ``cleanup=True`` (the trainer) removes unfinished writes left by a killed run; a
+    Checkpointer opened only to list or read steps leaves them alone."""
+
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, chief: bool | None = None,
+                 cleanup: bool = False):
+        if int(keep) < 1:
+            raise CheckpointError(f"config.keep_checkpoints={keep} must be >= 1 (0 would delete every checkpoint).")
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.chief = jax.process_index() == 0 if chief is None else chief
+        options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=True,
+                                               enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=bool(cleanup))
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta", "config"))
+        self._pending: int | None = None  # step of a save not yet known to be complete
+        self._closed = False
+        self.moved_aside: list[str] = []
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    # ------------------------------------------------------------------ saving
+
     def save(self, step: int, state: Any, meta: dict, config: dict) -> None:
-        """Save host arrays ``state`` at ``step`` (asynchronously; call :meth:`wait`)."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave(meta),
-            config=ocp.args.JsonSave(config)))
+        """Save host arrays ``state`` at ``step`` (asynchronously when enabled).
+
+        Raises :class:`CheckpointError` naming the step and the cause if this or the
+        previous (asynchronous) save failed: the error is reported once, here."""
+        self._check_previous()
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave(meta),
+                config=ocp.args.JsonSave(config)))
+        except Exception as e:  # noqa: BLE001 - disk full, permissions...
+            self._failed(step, e)
+        if not saved:
+            raise CheckpointError(f"Checkpoint for step {step} was not written: {self.directory} already holds "
+                                  f"step {self.manager.latest_step()}. Nothing was overwritten.")
+        self._pending = step
+
+    def _check_previous(self) -> None:
+        if self._pending is None:
+            return
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            self._failed(step, e)
+        if self.chief and not os.path.isdir(os.path.join(self.directory, str(step))):
+            self._failed(step, RuntimeError("the write did not complete"))
+
+    def _failed(self, step: int, e: BaseException):
+        self._remove_unfinished(step)
+        self.manager.reload()
+        good = [s for s in self.manager.all_steps() if s != step]
+        full = "RESOURCE_EXHAUSTED" in str(e) or "No space left" in str(e) or getattr(e, "errno", None) == 28
+        why = "the disk is full" if full else _short(e)
+        raise CheckpointError(
+            f"Could not write the checkpoint for step {step} in {self.directory}: {why}. Its unfinished files "
+            f"were removed; the other checkpoints are untouched. "
+            + ("Free some disk space (df -h " + self.directory + "), then re-run the same command"
+               if full else "Fix the cause, then re-run the same command")
+            + (f" to resume from step {max(good)}." if good else " (no complete checkpoint yet: it starts over).")
+        ) from e
+
+    def _remove_unfinished(self, step: int) -> None:
+        if not self.chief or not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._check_previous()
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def close(self, raise_errors: bool = True) -> None:
+        if self._closed:
+            return
+        try:
+            if raise_errors:
+                self._check_previous()
+            else:
+                try:
+                    self.manager.wait_until_finished()
+                except Exception:  # noqa: BLE001 - already failing for another reason
+                    pass
+        finally:
+            self._closed = True
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001
+                pass
 
-    def restore_latest(self, target: Any, config: dict) -> tuple[Any, dict] | None:
-        """Newest readable checkpoint as ``(state, meta)``, or None if there is none.
+    # ------------------------------------------------------------------ restoring
 
-        ``target`` is a pytree of host arrays with the expected structure. Raises
-        :class:`CheckpointError` if checkpoints exist but none can be read, or if they were
-        written by an incompatible config.
+    def _read_json(self, step: int, item: str):
+        return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+
+    def latest_config(self) -> tuple[int, dict, dict] | None:
+        """``(step, config, meta)`` of the newest step whose config and meta can be read."""
+        for step in reversed(self.steps()):
+            try:
+                return step, self._read_json(step, "config"), self._read_json(step, "meta")
+            except Exception:  # noqa: BLE001 - unreadable: restore_latest reports it
+                continue
+        return None
+
+    def check_resume(self, config: dict, *, process_count: int, allow_data_change: bool = False,
+                     saved: tuple[int, dict, dict] | None = None) -> list[str]:
+        """Raise :class:`CheckpointError` if the newest checkpoint cannot be resumed with ``config``.
+
+        Returns the data-stream differences that were allowed (to be logged)."""
+        saved = saved or self.latest_config()
+        if saved is None:
+            return []
+        step, saved_cfg, saved_meta = saved
+        structural, stream = resume_problems(saved_cfg, config, saved_meta, process_count)
+        if structural:
+            raise CheckpointError(
+                f"Cannot resume from step {step} in {self.directory}: the checkpoints were written by a different "
+                "experiment (the config changes what the checkpoint holds):\n  " + "\n  ".join(structural) +
+                "\nOr use a new --workdir for the new config. Nothing was changed.")
+        if stream and not allow_data_change:
+            raise CheckpointError(
+                f"Cannot resume exactly from step {step} in {self.directory}: the config changes the data stream, "
+                "so the run would not see the batches an uninterrupted run sees:\n  " + "\n  ".join(stream) +
+                f"\nTo continue with the new values anyway, add --config.resume={ALLOW_DATA_CHANGE} (recorded in "
+                "the log and the checkpoint), or use a new --workdir. Nothing was changed.")
+        return stream
+
+    def restore_latest(self, target: Any, config: dict, *, process_count: int = 1,
+                       allow_data_change: bool = False) -> tuple[Any, dict] | None:
+        """Newest usable checkpoint as ``(state, meta)``, or None if there is none.
+
+        ``target`` is a pytree of host arrays with the expected structure. Steps that cannot
+        be read are skipped; once an older one is restored they are moved aside (so the
+        re-trained steps can be saved). Raises :class:`CheckpointError` if checkpoints exist
+        but none can be read (nothing is moved then), or if they were written by an
+        incompatible config.
         """
         steps = self.steps()
         if not steps:
             return None
-        errors = []
+        errors: list[tuple[int, str]] = []
         abstract = jax.tree.map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), target)
         for step in reversed(steps):
             try:
-                saved_cfg = self.manager.restore(step, args=ocp.args.Composite(
-                    config=ocp.args.JsonRestore()))["config"]
+                saved_cfg = self._read_json(step, "config")
+                meta = self._read_json(step, "meta")
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try an older one
-                errors.append(f"step {step}: {type(e).__name__}: {e}")
-                log.warning("Checkpoint at step %d is unreadable (%s); trying an older one.", step, e)
+                errors.append((step, _short(e)))
+                log.warning("Checkpoint at step %d is unreadable (%s); trying an older one.", step, _short(e))
                 continue
-            self._check_compatible(saved_cfg, config)
+            self.check_resume(config, process_count=process_count, allow_data_change=allow_data_change,
+                              saved=(step, saved_cfg, meta))
             try:
-                out = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                state = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract)))["state"]
             except Exception as e:  # noqa: BLE001
-                errors.append(f"step {step}: {type(e).__name__}: {e}")
-                log.warning("Checkpoint at step %d is unreadable (%s); trying an older one.", step, e)
+                if _is_structure_mismatch(e):
+                    raise CheckpointError(
+                        f"Cannot resume from step {step} in {self.directory}: the saved train state has another "
+                        f"structure than the one this config builds ({_short(e)}). The checkpoint is intact; "
+                        "restore the config it was written with (see its config.json), or use a new --workdir "
+                        "(--config.init_from=THIS_WORKDIR keeps the parameters). Nothing was changed.") from e
+                errors.append((step, _short(e)))
+                log.warning("Checkpoint at step %d is unreadable (%s); trying an older one.", step, _short(e))
                 continue
-            return out["state"], out["meta"]
+            problem = self._check_consistent(step, state, meta)
+            if problem:
+                errors.append((step, problem))
+                log.warning("Checkpoint at step %d is not usable (%s); trying an older one.", step, problem)
+                continue
+            for bad_step, why in errors:
+                self._move_aside(bad_step, why)
+            if errors:
+                self.manager.reload()
+            return state, meta
         raise CheckpointError(
-            f"No checkpoint in {self.directory} could be read:\n  " + "\n  ".join(errors) +
-            "\nNothing was deleted. Move that directory away (or use another --workdir) to start "
-            "fresh, or delete the unreadable step directories to resume from an older one.")
+            f"No checkpoint in {self.directory} can be used:\n  "
+            + "\n  ".join(f"step {s}: {why}" for s, why in errors)
+            + f"\nNothing was changed. To start this run from scratch, move that directory away "
+            f"(mv {self.directory} {self.directory}.old) or use another --workdir.")
 
-    def _check_compatible(self, saved: dict, current: dict) -> None:
-        diffs = [f"{k}: saved {json.dumps(_get(saved, k))} vs now {json.dumps(_get(current, k))}"
-                 for k in _STRUCTURAL if _get(saved, k) != _get(current, k)]
-        if diffs:
-            raise CheckpointError(
-                f"The checkpoints in {self.directory} were written by a different experiment:\n  "
-                + "\n  ".join(diffs) +
-                "\nUse a new --workdir for the new config, or restore the old config values to resume.")
+    @staticmethod
+    def _check_consistent(step: int, state: Any, meta: dict) -> str | None:
+        """The data position in ``meta`` must be the step; the state must be finite and at that step."""
+        pos = meta.get("data_position", {}) or {}
+        if int(meta.get("step", step)) != step or int(pos.get("step", step)) != step:
+            return (f"its data position (meta step {meta.get('step')}, data_position {pos}) does not match the "
+                    f"step directory {step}")
+        bad = int(np.asarray(getattr(state, "bad_step", -1) if not isinstance(state, dict)
+                             else state.get("bad_step", -1)))
+        at = int(np.asarray(getattr(state, "step", step) if not isinstance(state, dict) else state.get("step", step)))
+        if bad >= 0 or at != step:
+            return (f"it holds a state frozen after a non-finite step (update {bad + 1}), written by an older "
+                    "seqvis")
+        return None
+
+    def _move_aside(self, step: int, why: str) -> None:
+        if not self.chief:
+            return
+        src = os.path.join(self.directory, str(step))
+        if not os.path.isdir(src):
+            return
+        dest_root = os.path.join(self.workdir, UNREADABLE_DIR)
+        os.makedirs(dest_root, exist_ok=True)
+        dest = os.path.join(dest_root, str(step))
+        n = 1
+        while os.path.exists(dest):
+            dest = os.path.join(dest_root, f"{step}.{n}")
+            n += 1
+        os.rename(src, dest)
+        with open(os.path.join(dest_root, "README.txt"), "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {step} -> {os.path.basename(dest)}: {why}\n")
+        self.moved_aside.append(dest)
+        log.warning("Checkpoint at step %d moved aside to %s (%s); an older step was restored instead.",
+                    step, dest, why)

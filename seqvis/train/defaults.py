@@ -41,7 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.eval_every_steps = 0  # 0: evaluate only at the end
     c.checkpoint_every_steps = 500
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3  # >= 1
+    c.resume = ""  # "allow_data_change": resume although batch size, seed, data or process count changed (logged)
     c.async_checkpointing = True
     c.count_flops = True
     c.tensorboard = True

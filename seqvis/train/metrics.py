@@ -19,15 +19,54 @@ def _scalar(v: Any) -> float:
     return v if math.isfinite(v) else float("nan")
 
 
+def truncate_jsonl(path: str, resume_step: int, total_steps: int | None = None) -> int:
+    """Keep the rows of ``path`` that a run resumed at ``resume_step`` will not write again.
+
+    Training rows up to ``resume_step`` were logged before that step's checkpoint was saved
+    and are kept; rows after it belong to the lost part of the run and are dropped. Evaluation
+    rows at ``resume_step`` are kept, except the final evaluation (``resume_step ==
+    total_steps``), which the re-run repeats. Unparseable lines (a write cut short) go too.
+    Returns the number of rows dropped; the file is replaced atomically.
+    """
+    if not os.path.isfile(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                step = int(row["step"])
+            except (ValueError, KeyError, TypeError):
+                dropped += 1
+                continue
+            is_eval = any(k.startswith("eval/") for k in row)
+            if step < resume_step or (step == resume_step and not (is_eval and resume_step == total_steps)):
+                kept.append(json.dumps(row) + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return dropped
+
+
 class MetricWriter:
-    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+    """``resume_step``: the step training restarts from; rows the resumed run will write again
+    are removed first, so metrics.jsonl holds each step once."""
+
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True, resume_step: int = 0,
+                 total_steps: int | None = None):
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        path = os.path.join(workdir, "metrics.jsonl")
+        truncate_jsonl(path, resume_step, total_steps)
+        self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             import tensorflow as tf
 
@@ -48,9 +87,11 @@ class MetricWriter:
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
+            self._jsonl = None
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+            self._tb = None
 
 
 def _fmt_time(s: float) -> str:

@@ -85,6 +85,30 @@ class Task:
         state, one copy). Its dict is merged into ``results.json``."""
         return {}
 
+    def check_batch(self, batch: dict) -> None:
+        """Called on the first training batch (host arrays ``[devices, B, ...]``), before
+        compiling: raise ValueError naming the field and the fix if the data cannot fit the
+        config. The default checks integer ``label`` against ``self.num_classes`` when the
+        task has one; soft ``labels`` must have ``num_classes`` columns."""
+        import numpy as np
+
+        k = getattr(self, "num_classes", None)
+        if k is None:
+            return
+        label = batch.get("label")
+        if label is not None and np.asarray(label).dtype.kind in "iu" and np.asarray(label).size:
+            lo, hi = int(np.min(label)), int(np.max(label))
+            if lo < 0 or hi >= k:
+                name = self.config.data.get("name", "the data set")
+                raise ValueError(
+                    f"config.data.num_classes={k}, but the first training batch of {name} has labels from {lo} "
+                    f"to {hi}: labels must lie in [0, {k}). Set --config.data.num_classes={max(hi + 1, k)} "
+                    "(or the number of classes of the data set).")
+        soft = batch.get("labels")
+        if soft is not None and np.ndim(soft) >= 3 and np.shape(soft)[-1] != k:  # [devices, B, K]
+            raise ValueError(f"config.data.num_classes={k}, but the soft labels of the first training batch have "
+                             f"{np.shape(soft)[-1]} columns; set --config.data.num_classes={np.shape(soft)[-1]}.")
+
 
 def build_classifier(model_cfg: Any, num_classes: int) -> nn.Module:
     """``config.model`` -> ViT or ResNet module (``name`` picks which; other fields are kwargs)."""

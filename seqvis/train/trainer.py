@@ -32,6 +32,17 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the field and the fix."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; ``str()`` says the step reached and where a re-run resumes."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 # ============================================================================ config checks
 
 
@@ -44,8 +55,37 @@ def check_config(config: Any) -> None:
     for field in ("batch_size", "data", "model", "optimizer", "schedule"):
         if field not in config:
             raise ConfigError(f"config.{field} is missing; see configs/vit.py for a complete example.")
-    if not (config.get("total_steps") or config.get("num_epochs")):
+    total, epochs = config.get("total_steps") or 0, config.get("num_epochs") or 0
+    if int(total) < 0 or float(epochs) < 0 or not math.isfinite(float(epochs)):
+        field, value = ("total_steps", total) if int(total) < 0 else ("num_epochs", epochs)
+        raise ConfigError(f"config.{field}={value} must not be negative; set config.total_steps or "
+                          "config.num_epochs to a positive number.")
+    if not (int(total) > 0 or float(epochs) > 0):
         raise ConfigError("Set config.total_steps or config.num_epochs to a positive number.")
+    sched = config.get("schedule", None) or {}
+    for field in ("base_lr", "end_lr"):
+        if field in sched:
+            lr = float(sched[field])
+            if not math.isfinite(lr) or lr < 0:
+                raise ConfigError(f"config.schedule.{field}={sched[field]} must be a finite number >= 0 (a negative "
+                                  "learning rate climbs the loss); e.g. --config.schedule.base_lr=1e-3.")
+    if int(sched.get("warmup_steps", 0) or 0) < 0:
+        raise ConfigError(f"config.schedule.warmup_steps={sched.get('warmup_steps')} must be >= 0.")
+    clip = (config.get("optimizer", None) or {}).get("grad_clip_norm", 0) or 0
+    if float(clip) < 0:
+        raise ConfigError(f"config.optimizer.grad_clip_norm={clip} must be >= 0 (0 turns clipping off).")
+    if int(config.get("keep_checkpoints", 3)) < 1:
+        raise ConfigError(f"config.keep_checkpoints={config.get('keep_checkpoints')} must be >= 1 (0 would delete "
+                          "every checkpoint, including the one to resume from); e.g. --config.keep_checkpoints=1.")
+    if int(config.get("eval_every_steps", 0) or 0) < 0:
+        raise ConfigError(f"config.eval_every_steps={config.get('eval_every_steps')} must be >= 0 (0: only at the end).")
+    resume = config.get("resume", "") or ""
+    if resume not in ("", ckpt_lib.ALLOW_DATA_CHANGE):
+        raise ConfigError(f"config.resume={resume!r} is unknown; use '' (resume only when the data stream is "
+                          f"unchanged) or {ckpt_lib.ALLOW_DATA_CHANGE!r}.")
+    k = (config.get("data", None) or {}).get("num_classes", None)
+    if k is not None and int(k) < 1:
+        raise ConfigError(f"config.data.num_classes={k} must be >= 1.")
     bs = int(config.batch_size)
     devices = jax.device_count()
     accum = int(config.get("grad_accum_steps", 1))
@@ -110,18 +150,73 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at_step: int | None = 
     ``stop_at_step`` ends the run right after that step without saving, like a process
     killed there (tests use it to check that resuming is exact). Returns the results dict
     (also written to ``workdir/results.json``), or None when stopped early.
+
+    Ctrl-C raises :class:`TrainingInterrupted` saying the step reached and the step a
+    re-run resumes from (after any checkpoint being written has been completed).
     """
+    run: dict[str, Any] = {"step": None, "ckpt": None}
+    try:
+        return _train_and_evaluate(config, workdir, stop_at_step, run)
+    except KeyboardInterrupt as e:
+        if isinstance(e, TrainingInterrupted):
+            raise
+        ckpt = run["ckpt"]
+        steps = []
+        if ckpt is not None:
+            try:
+                ckpt.close(raise_errors=False)  # lets a checkpoint being written finish
+                steps = ckpt.steps()
+            except BaseException:  # noqa: BLE001 - a second Ctrl-C: report what we know
+                pass
+        where = f"at step {run['step']}" if run["step"] is not None else "before training started"
+        resume = f"re-run the same command to resume from step {max(steps)}" if steps else \
+            "re-run the same command to start again (no checkpoint yet)"
+        raise TrainingInterrupted(f"interrupted {where}; {resume} ({os.path.abspath(workdir)}).") from None
+
+
+def _train_and_evaluate(config: Any, workdir: str, stop_at_step: int | None, run: dict) -> dict[str, Any] | None:
     from seqvis.data import pipeline as data_lib  # tensorflow only when training
 
     maybe_initialize_distributed(config)  # before anything touches the devices
     check_config(config)
     chief = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
     config_dict = config_to_dict(config)
-    if chief:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_dict, f, indent=2)
+    seed = int(config.get("seed", 0))
+    allow_data_change = (config.get("resume", "") or "") == ckpt_lib.ALLOW_DATA_CHANGE
 
+    # ---------------------------------------------------------------- resume check (writes nothing)
+    # A workdir with checkpoints from another experiment is refused here, before the
+    # workdir is touched (config.json, metrics, vocabularies stay as they were).
+    ckpt = None
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)),
+                                     async_save=bool(config.get("async_checkpointing", True)), cleanup=True)
+        run["ckpt"] = ckpt
+        allowed = ckpt.check_resume(config_dict, process_count=jax.process_count(),
+                                    allow_data_change=allow_data_change)
+        if allowed:
+            log.warning("Resuming with a changed data stream (--config.resume=%s):\n  %s",
+                        ckpt_lib.ALLOW_DATA_CHANGE, "\n  ".join(allowed))
+            run["data_changes_allowed"] = allowed
+
+    os.makedirs(workdir, exist_ok=True)
+    if ckpt is None:
+        ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)),
+                                     async_save=bool(config.get("async_checkpointing", True)), cleanup=True)
+        run["ckpt"] = ckpt
+    try:
+        return _run(config, workdir, stop_at_step, run, data_lib, ckpt, config_dict, chief, seed,
+                    allow_data_change)
+    except BaseException:
+        # A failing run still lets the checkpoint being written finish; that write's own
+        # error (if any) would only hide the one being reported.
+        if run.get("writer") is not None:
+            run["writer"].close()
+        ckpt.close(raise_errors=False)
+        raise
+
+
+def _run(config, workdir, stop_at_step, run, data_lib, ckpt, config_dict, chief, seed, allow_data_change):
     # ---------------------------------------------------------------- input
     global_batch = int(config.batch_size)
     if config.get("total_steps"):
@@ -137,23 +232,39 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at_step: int | None = 
     tx = optim.make_optimizer(config.optimizer, schedule)
     per_device = global_batch // jax.device_count()
     dummy = task.dummy_batch(per_device)
-    host_state = jax.device_get(step_lib.create_state(task, tx, int(config.get("seed", 0)), dummy))
+    host_state = jax.device_get(step_lib.create_state(task, tx, seed, dummy))
     n_params = num_params(host_state.params)
 
     # ---------------------------------------------------------------- checkpoint restore
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)),
-                                 async_save=bool(config.get("async_checkpointing", True)))
+    # Steps that cannot be read are skipped (and moved aside once an older one is restored);
+    # the data position saved with the state is checked against the step.
     meta = {"step": 0, "examples_seen": 0, "train_seconds": 0.0}
-    restored = ckpt.restore_latest(host_state, config_dict)
+    restored = ckpt.restore_latest(host_state, config_dict, process_count=jax.process_count(),
+                                   allow_data_change=allow_data_change)
     if restored is not None:
         host_state, meta = restored
-        log.info("Resumed from step %d in %s", meta["step"], ckpt.directory)
+        log.info("Resuming from step %d (%s)", meta["step"], ckpt.directory)
     elif config.get("init_from"):
         from seqvis.train.pretrained import load_pretrained
 
         params = load_pretrained(config.init_from, host_state.params)
         host_state = host_state.replace(params=params, opt_state=jax.device_get(tx.init(params)))
     start_step = int(meta["step"])
+    data_changes = list(meta.get("data_changes", []))
+    if restored is not None and run.get("data_changes_allowed"):
+        data_changes.append({"step": start_step, "changes": run["data_changes_allowed"]})
+    if chief:  # only now: a refused resume leaves the workdir's config.json as it was
+        tmp = os.path.join(workdir, "config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(config_dict, f, indent=2)
+        os.replace(tmp, os.path.join(workdir, "config.json"))
+
+    # ---------------------------------------------------------------- input (first batch, before compiling)
+    it = data_lib.train_iterator(config.data, global_batch_size=global_batch, seed=seed,
+                                 start_step=start_step, extra_ops=tuple(task.pp_ops(train=True)))
+    first_batch = next(it) if start_step < total_steps else None
+    if first_batch is not None:
+        task.check_batch(first_batch)
 
     # ---------------------------------------------------------------- compile
     accum = int(config.get("grad_accum_steps", 1))
@@ -166,18 +277,19 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at_step: int | None = 
         flops = forward_flops_per_example(
             task, {"params": host_state.params, **host_state.model_state}, jax.tree.map(np.asarray, dummy))
 
-    writer = MetricWriter(workdir, enabled=chief, tensorboard=bool(config.get("tensorboard", True)))
+    # metrics.jsonl keeps the rows up to the restored step: each step is logged once.
+    writer = MetricWriter(workdir, enabled=chief, tensorboard=bool(config.get("tensorboard", True)),
+                          resume_step=start_step, total_steps=total_steps)
+    run["writer"] = writer
     log_every = int(config.get("log_every_steps", 50))
     ckpt_every = int(config.get("checkpoint_every_steps", 1000))
     eval_every = int(config.get("eval_every_steps", 0) or 0)
+    if chief and start_step < total_steps:
+        log.info("%s %d parameters; training steps %d..%d of %d (batch %d on %d device%s); compiling...",
+                 config.model.get("name", task.__class__.__name__), n_params, start_step + 1, total_steps,
+                 total_steps, global_batch, jax.device_count(), "s" if jax.device_count() > 1 else "")
     progress = Progress(total_steps, start_step, enabled=chief and bool(config.get("progress", True)),
                         every=log_every)
-
-    def save(step_done: int, state_) -> None:
-        meta_ = {"step": step_done, "examples_seen": step_done * global_batch, "seed": int(config.get("seed", 0)),
-                 "process_count": jax.process_count(), "train_seconds": train_seconds(),
-                 "data_position": {"step": step_done, "seed": int(config.get("seed", 0))}}
-        ckpt.save(step_done, driver.get_state(state_), meta_, config_dict)
 
     t_start = time.time()
     prior_seconds = float(meta.get("train_seconds", 0.0))
@@ -185,50 +297,71 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at_step: int | None = 
     def train_seconds() -> float:
         return prior_seconds + time.time() - t_start
 
+    def nonfinite(bad: int) -> FloatingPointError:
+        good = [s for s in ckpt.steps() if s <= bad]
+        where = (f"The last good checkpoint is step {good[-1]} in {ckpt.directory}; no checkpoint was written "
+                 f"after the bad step. Re-run with a lower config.schedule.base_lr to resume from step {good[-1]}, "
+                 "or check the inputs for NaN. (Turning on config.optimizer.grad_clip_norm changes the optimiser "
+                 "state: use a new --workdir with --config.init_from=" + os.path.abspath(workdir) + ".)"
+                 if good else
+                 "No checkpoint was written before it, so a re-run starts from scratch. Lower "
+                 "config.schedule.base_lr, set config.optimizer.grad_clip_norm, or check the inputs for NaN.")
+        return FloatingPointError(f"Non-finite loss or gradient at step {bad + 1}; training stopped. {where}")
+
+    def save(step_done: int, state_) -> None:
+        host = driver.get_state(state_)
+        bad = int(np.asarray(host.bad_step))
+        if bad >= 0:  # never save a state frozen after a non-finite step
+            raise nonfinite(bad)
+        pos = {"step": step_done, "seed": seed, "batch_size": global_batch, "process_count": jax.process_count(),
+               "examples_seen": step_done * global_batch}
+        meta_ = {"step": step_done, "examples_seen": step_done * global_batch, "seed": seed,
+                 "process_count": jax.process_count(), "train_seconds": train_seconds(),
+                 "data_position": pos, "data_changes": data_changes}
+        ckpt.save(step_done, host, meta_, config_dict)
+
     # ---------------------------------------------------------------- loop
-    it = data_lib.train_iterator(config.data, global_batch_size=global_batch, seed=int(config.get("seed", 0)),
-                                 start_step=start_step, extra_ops=tuple(task.pp_ops(train=True)))
     history: list[dict] = []
     t_log, last_log_step = time.time(), start_step
-    try:
-        for step in range(start_step, total_steps):
-            batch = next(it)
-            state, metrics = driver.train(state, driver.put_batch(batch))
-            history.append(metrics)
-            done = step + 1
-            if stop_at_step is not None and done >= stop_at_step:
-                jax.block_until_ready(state)
-                return None
-            if done % log_every == 0 or done == total_steps:
-                history = driver.fetch(history)
-                bad = int(history[-1]["bad_step"])
-                if bad >= 0:
-                    good = [s for s in ckpt.steps() if s <= bad]
-                    raise FloatingPointError(
-                        f"Non-finite loss or gradient at step {bad + 1}; training stopped. "
-                        f"The last good checkpoint (step {good[-1] if good else 'none'}) in {ckpt.directory} "
-                        "is kept. Lower config.schedule.base_lr, set config.optimizer.grad_clip_norm, "
-                        "or check the inputs for NaN.")
-                row = _mean_metrics(history)
-                elapsed = time.time() - t_log
-                row["img_per_sec"] = (done - last_log_step) * global_batch / max(elapsed, 1e-9)
-                row["img_per_sec_per_device"] = row["img_per_sec"] / jax.device_count()
-                if flops is not None:
-                    row["gflops_per_example"] = flops / 1e9
-                writer.write(done, row, prefix="train/")
-                progress.update(done, {"loss": row["loss"], "lr": row["learning_rate"],
-                                       "img/s": row["img_per_sec"]})
-                history, t_log, last_log_step = [], time.time(), done
-            if done % ckpt_every == 0 or done == total_steps:
-                save(done, state)
-            if eval_every and done % eval_every == 0 and done != total_steps:
-                ev = evaluate(task, driver, state, config, data_lib)
-                writer.write(done, ev, prefix="eval/")
-        progress.close()
-        jax.block_until_ready(state)
-        seconds = train_seconds()
+    run["step"] = start_step
+    for step in range(start_step, total_steps):
+        batch = first_batch if step == start_step else next(it)
+        state, metrics = driver.train(state, driver.put_batch(batch))
+        history.append(metrics)
+        done = step + 1
+        run["step"] = done
+        if stop_at_step is not None and done >= stop_at_step:
+            jax.block_until_ready(state)
+            ckpt.close()
+            writer.close()
+            return None
+        if done % log_every == 0 or done == total_steps:
+            history = driver.fetch(history)
+            bad = int(history[-1]["bad_step"])
+            if bad >= 0:
+                raise nonfinite(bad)
+            row = _mean_metrics(history)
+            elapsed = time.time() - t_log
+            row["img_per_sec"] = (done - last_log_step) * global_batch / max(elapsed, 1e-9)
+            row["img_per_sec_per_device"] = row["img_per_sec"] / jax.device_count()
+            if flops is not None:
+                row["gflops_per_example"] = flops / 1e9
+            writer.write(done, row, prefix="train/")
+            progress.update(done, {"loss": row["loss"], "lr": row["learning_rate"],
+                                   "img/s": row["img_per_sec"]})
+            history, t_log, last_log_step = [], time.time(), done
+        if done % ckpt_every == 0 or done == total_steps:
+            save(done, state)
+        if eval_every and done % eval_every == 0 and done != total_steps:
+            ev = evaluate(task, driver, state, config, data_lib)
+            writer.write(done, ev, prefix="eval/")
+    progress.close()
+    jax.block_until_ready(state)
+    ckpt.wait()  # the last checkpoint is complete (or its failure reported) before the results
+    seconds = train_seconds()
 
-        # ------------------------------------------------------------ final evaluation
+    # ---------------------------------------------------------------- final evaluation
+    try:
         ev = evaluate(task, driver, state, config, data_lib)
         writer.write(total_steps, ev, prefix="eval/")
         host = driver.get_state(state)
@@ -237,8 +370,11 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at_step: int | None = 
                    "train_seconds": seconds,
                    "gflops_per_example": None if flops is None else flops / 1e9, "params": n_params}
         if chief:
-            with open(os.path.join(workdir, "results.json"), "w") as f:
+            tmp = os.path.join(workdir, "results.json.tmp")
+            with open(tmp, "w") as f:
                 json.dump(results, f, indent=2)
+            os.replace(tmp, os.path.join(workdir, "results.json"))
+            log.info("Results -> %s", os.path.join(os.path.abspath(workdir), "results.json"))
         return results
     finally:
         ckpt.close()

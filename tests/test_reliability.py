@@ -1,0 +1,410 @@
+"""Issue 13: nothing lost, nothing silent. One test per numbered case of the issue: the case
+is the input; the message and the files left on disk are the assertion.
+
+All runs are tiny (a 1-layer ViT of width 32 on 256 toy 28x28 images) so the file stays fast.
+"""
+
+import gzip
+import json
+import os
+import resource
+import struct
+
+import jax
+import numpy as np
+import pytest
+
+from seqvis.data.builders import idx as idx_lib
+from seqvis.data.presets import data_config
+from seqvis.train import checkpoint as ckpt_lib
+from seqvis.train.defaults import base_config
+from seqvis.train.metrics import truncate_jsonl
+from seqvis.train.pretrained import _read as read_checkpoint_params
+from seqvis.train.trainer import ConfigError, TrainingInterrupted, train_and_evaluate
+
+N_TRAIN, N_TEST = 256, 64
+
+
+def write_idx(path, array, compress=True):
+    magic = {1: 0x00000801, 3: 0x00000803}[array.ndim]
+    raw = struct.pack(">I", magic) + struct.pack(">" + "I" * array.ndim, *array.shape) + \
+        array.astype(np.uint8).tobytes()
+    with open(path, "wb") as f:
+        f.write(gzip.compress(raw) if compress else raw)
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("idx")
+    for prefix, n, seed in (("train", N_TRAIN, 0), ("t10k", N_TEST, 1)):
+        rng = np.random.default_rng(seed)
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 28, 28))
+        for i, c in enumerate(labels):
+            images[i, 2 * c + 3: 2 * c + 5, 4:24] = 250
+        write_idx(d / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(d / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))  # prepared once for the whole module
+
+
+def tiny(idx_dir, data_dir, **kw):
+    c = base_config()
+    c.data = data_config("fashion_mnist", idx_dir=idx_dir, data_dir=data_dir,
+                         pp_train="decode|value_range(-1, 1)", shuffle_buffer=256)
+    c.model = dict(name="vit", variant="mu/7", width=32, depth=1, mlp_dim=64, num_heads=2)
+    c.batch_size = 32
+    c.eval_batch_size = 64
+    c.total_steps = 6
+    c.schedule.update(name="cosine", base_lr=3e-3, warmup_steps=1)
+    c.log_every_steps = 2
+    c.checkpoint_every_steps = 2
+    c.async_checkpointing = False
+    c.progress = False
+    c.tensorboard = False
+    c.count_flops = False
+    c.update(kw)
+    return c
+
+
+def listing(root):
+    """{relative path: size} of every file under root: what 'nothing was written' compares."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for name in files:
+            p = os.path.join(d, name)
+            out[os.path.relpath(p, root)] = os.path.getsize(p)
+    return out
+
+
+def read_meta(workdir, step):
+    with open(os.path.join(workdir, "checkpoints", str(step), "meta", "metadata")) as f:
+        return json.load(f)
+
+
+def write_meta(workdir, step, meta):
+    with open(os.path.join(workdir, "checkpoints", str(step), "meta", "metadata"), "w") as f:
+        json.dump(meta, f)
+
+
+def metric_steps(workdir, prefix="train/"):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [r["step"] for r in rows if any(k.startswith(prefix) for k in r)]
+
+
+def assert_finite_tree(tree):
+    leaves = jax.tree.leaves(tree)
+    assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
+
+
+# ---------------------------------------------------------------------------- case 1
+
+
+def test_case1_nan_saves_no_frozen_state_and_resumes_from_last_good(idx_dir, data_dir, tmp_path, monkeypatch):
+    """A NaN at step 5 (bad input) with a checkpoint every step and logging every 10: no
+    checkpoint after step 4, the good ones are not rotated out, the message names step 4,
+    and the workdir resumes from it once the input is fixed."""
+    from seqvis.data import pipeline
+
+    real = pipeline.train_iterator
+
+    def poisoned(cfg, **kw):
+        for step, batch in enumerate(real(cfg, **kw), start=kw.get("start_step", 0)):
+            if step == 4:  # the 5th update sees a NaN image
+                batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+            yield batch
+
+    config = tiny(idx_dir, data_dir, total_steps=10, checkpoint_every_steps=1, log_every_steps=10,
+                  keep_checkpoints=2)
+    config.optimizer.grad_clip_norm = 0.0
+    workdir = str(tmp_path / "nan")
+    monkeypatch.setattr(pipeline, "train_iterator", poisoned)
+    with pytest.raises(FloatingPointError, match=r"at step 5.*last good checkpoint is step 4"):
+        train_and_evaluate(config, workdir)
+    assert ckpt_lib.Checkpointer(workdir).steps() == [3, 4]  # nothing written after the bad step
+    for step in (3, 4):
+        assert read_meta(workdir, step)["data_position"]["step"] == step
+    assert_finite_tree(read_checkpoint_params(workdir))
+
+    monkeypatch.setattr(pipeline, "train_iterator", real)  # the input is fixed: resume
+    results = train_and_evaluate(config, workdir)
+    assert results["steps"] == 10
+    assert read_meta(workdir, 10)["data_position"]["step"] == 10
+    assert_finite_tree(read_checkpoint_params(workdir))
+
+
+# ---------------------------------------------------------------------------- case 2
+
+
+def test_case2_keep_checkpoints_zero_is_refused(idx_dir, data_dir, tmp_path):
+    workdir = tmp_path / "keep0"
+    with pytest.raises(ConfigError, match=r"config.keep_checkpoints=0 must be >= 1"):
+        train_and_evaluate(tiny(idx_dir, data_dir, keep_checkpoints=0), str(workdir))
+    assert not workdir.exists()
+    with pytest.raises(ckpt_lib.CheckpointError, match="keep_checkpoints=0"):
+        ckpt_lib.Checkpointer(str(tmp_path / "direct"), keep=0)
+
+
+# ---------------------------------------------------------------------------- case 3
+
+
+def test_case3_corrupt_newest_is_moved_aside_and_retrained_step_saved(idx_dir, data_dir, tmp_path):
+    workdir = tmp_path / "corrupt"
+    config = tiny(idx_dir, data_dir, total_steps=6, checkpoint_every_steps=3)
+    train_and_evaluate(config, str(workdir))
+    for root, _, files in os.walk(workdir / "checkpoints" / "6" / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    results = train_and_evaluate(config, str(workdir))  # same command: resumes from 3
+    assert results["steps"] == 6
+    assert ckpt_lib.Checkpointer(str(workdir)).steps() == [3, 6]
+    aside = workdir / ckpt_lib.UNREADABLE_DIR
+    assert sorted(os.listdir(aside)) == ["6", "README.txt"]  # renamed, never deleted
+    assert "step 6 -> 6" in (aside / "README.txt").read_text()
+    # The re-trained step 6 is the newest and readable, so init_from=WORKDIR works.
+    assert_finite_tree(read_checkpoint_params(str(workdir)))
+    assert metric_steps(str(workdir)) == [2, 4, 6]
+
+
+# ---------------------------------------------------------------------------- case 4
+
+
+def test_case4_refused_resume_writes_nothing(idx_dir, data_dir, tmp_path):
+    workdir = str(tmp_path / "x")
+    train_and_evaluate(tiny(idx_dir, data_dir, total_steps=2), workdir)
+    before = listing(workdir)
+    config_json = open(os.path.join(workdir, "config.json")).read()
+    other = tiny(idx_dir, data_dir, total_steps=4)
+    other.model.width = 64
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"(?s)different experiment.*config.model: saved"):
+        train_and_evaluate(other, workdir)
+    assert listing(workdir) == before
+    assert open(os.path.join(workdir, "config.json")).read() == config_json
+
+
+# ---------------------------------------------------------------------------- case 5
+
+
+@pytest.mark.parametrize("overrides,error,message", [
+    ({"data.num_classes": 5}, ValueError,
+     r"config.data.num_classes=5, but the first training batch .* labels from 0 to 9.*--config.data.num_classes=10"),
+    ({"schedule.base_lr": -0.01}, ConfigError, r"config.schedule.base_lr=-0.01 must be a finite number >= 0"),
+    ({"total_steps": -5}, ConfigError, r"config.total_steps=-5 must not be negative"),
+])
+def test_case5_silent_nonsense_is_refused(idx_dir, data_dir, tmp_path, overrides, error, message):
+    config = tiny(idx_dir, data_dir)
+    for k, v in overrides.items():
+        parent, _, leaf = k.rpartition(".")
+        (config[parent] if parent else config)[leaf] = v
+    workdir = tmp_path / "w"
+    with pytest.raises(error, match=message):
+        train_and_evaluate(config, str(workdir))
+    assert not (workdir / "results.json").exists()
+    assert not ckpt_lib.Checkpointer(str(workdir)).steps()
+
+
+# ---------------------------------------------------------------------------- case 7
+
+
+@pytest.fixture(scope="module")
+def trained(idx_dir, data_dir, tmp_path_factory):
+    """A finished 4-step run (checkpoints 2 and 4) that the case 7 tests copy."""
+    workdir = str(tmp_path_factory.mktemp("trained") / "w")
+    train_and_evaluate(tiny(idx_dir, data_dir, total_steps=4), workdir)
+    return workdir
+
+
+def copy_of(workdir, tmp_path):
+    import shutil
+
+    dest = str(tmp_path / "copy")
+    shutil.copytree(workdir, dest)
+    return dest
+
+
+def test_case7_optimizer_structure_change_is_named_not_called_unreadable(idx_dir, data_dir, trained, tmp_path):
+    workdir = copy_of(trained, tmp_path)
+    before = listing(workdir)
+    config = tiny(idx_dir, data_dir, total_steps=6)
+    config.optimizer.grad_clip_norm = 0.0  # saved with clipping on (1.0)
+    with pytest.raises(ckpt_lib.CheckpointError) as e:
+        train_and_evaluate(config, workdir)
+    msg = str(e.value)
+    assert "config.optimizer.grad_clip_norm: saved 1.0 (grad_clip_norm on), now 0.0 (off)" in msg
+    assert "structure of the optimiser state" in msg and "--config.optimizer.grad_clip_norm=1.0" in msg
+    assert "delete" not in msg and "unreadable" not in msg
+    assert listing(workdir) == before
+
+
+def test_case7_data_stream_change_is_refused_with_one_line_per_field(idx_dir, data_dir, trained, tmp_path):
+    workdir = copy_of(trained, tmp_path)
+    before = listing(workdir)
+    config = tiny(idx_dir, data_dir, total_steps=6, batch_size=64, seed=3)
+    config.data.pp_train = "decode|flip_lr|value_range(-1, 1)"
+    with pytest.raises(ckpt_lib.CheckpointError) as e:
+        train_and_evaluate(config, workdir)
+    msg = str(e.value)
+    assert "config.batch_size: saved 32, now 64. To resume exactly: --config.batch_size=32." in msg
+    assert "config.seed: saved 0, now 3. To resume exactly: --config.seed=0." in msg
+    assert "config.data.pp_train: saved" in msg
+    assert "--config.resume=allow_data_change" in msg
+    assert listing(workdir) == before
+
+
+def test_case7_allow_data_change_resumes_and_records_it(idx_dir, data_dir, trained, tmp_path, caplog):
+    workdir = copy_of(trained, tmp_path)
+    config = tiny(idx_dir, data_dir, total_steps=6, seed=3, resume="allow_data_change")
+    with caplog.at_level("WARNING", logger="seqvis"):
+        results = train_and_evaluate(config, workdir)
+    assert results["steps"] == 6
+    assert "config.seed: saved 0, now 3" in caplog.text
+    changes = read_meta(workdir, 6)["data_changes"]
+    assert changes == [{"step": 4, "changes": ["config.seed: saved 0, now 3. To resume exactly: --config.seed=0."]}]
+
+
+def test_case7_process_count_and_data_position_are_read_back(idx_dir, data_dir, trained, tmp_path):
+    workdir = copy_of(trained, tmp_path)
+    config = tiny(idx_dir, data_dir, total_steps=6)
+    meta = read_meta(workdir, 4)
+    write_meta(workdir, 4, dict(meta, process_count=2))
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"process count: saved 2, now 1"):
+        train_and_evaluate(config, workdir)
+    # A data position that disagrees with its step: that checkpoint is not used (moved
+    # aside), the older one is.
+    write_meta(workdir, 4, dict(meta, data_position=dict(meta["data_position"], step=3)))
+    results = train_and_evaluate(config, workdir)
+    assert results["steps"] == 6
+    assert os.listdir(os.path.join(workdir, ckpt_lib.UNREADABLE_DIR, "4"))
+    assert "data position" in open(os.path.join(workdir, ckpt_lib.UNREADABLE_DIR, "README.txt")).read()
+    assert metric_steps(workdir) == [2, 4, 6]
+
+
+# ---------------------------------------------------------------------------- case 8
+
+
+def test_case8_all_checkpoints_unreadable_is_one_message_and_nothing_moves(idx_dir, data_dir, trained, tmp_path):
+    workdir = copy_of(trained, tmp_path)
+    for step in ("2", "4"):
+        for root, _, files in os.walk(os.path.join(workdir, "checkpoints", step, "state")):
+            for name in files:
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(b"garbage")
+    before = listing(workdir)
+    with pytest.raises(ckpt_lib.CheckpointError) as e:
+        train_and_evaluate(tiny(idx_dir, data_dir, total_steps=6), workdir)
+    msg = str(e.value)
+    assert msg.startswith(f"No checkpoint in {workdir}/checkpoints can be used")
+    assert "step 4:" in msg and "step 2:" in msg and "Nothing was changed" in msg and "mv " in msg
+    assert listing(workdir) == before
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"not gzip and not idx", r"neither an IDX file nor a gzipped one"),
+    ("truncated-gzip", r"the gzip data is truncated or corrupt"),
+    ("truncated-raw", r"header says shape \(10,\) .* truncated or corrupt"),
+    (b"", r"it is empty"),
+])
+def test_case8_bad_idx_file_gives_one_message_naming_it(tmp_path, content, message):
+    labels = np.arange(10, dtype=np.uint8)
+    raw = struct.pack(">I", 0x801) + struct.pack(">I", 10) + labels.tobytes()
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    if content == "truncated-gzip":
+        content = gzip.compress(raw)[:-8]
+    elif content == "truncated-raw":
+        content = raw[:-3]
+    path.write_bytes(content)
+    with pytest.raises(idx_lib.IdxError, match=message) as e:
+        idx_lib.read_idx(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_case8_uncompressed_idx_named_gz_is_read(tmp_path):
+    labels = np.arange(10, dtype=np.uint8)
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    write_idx(path, labels, compress=False)
+    np.testing.assert_array_equal(idx_lib.read_idx(str(path)), labels)
+
+
+def test_case8_non_numeric_results_csv_is_a_message(tmp_path):
+    from experiments import scaling_curves
+
+    header = list(scaling_curves.REQUIRED)
+    row = ["p1", "ok", "vit", "m", "100", "1000", "0.001", "1e9", "n/a"]
+    path = tmp_path / "results.csv"
+    path.write_text(",".join(header) + "\n" + ",".join(row) + "\n")
+    with pytest.raises(scaling_curves.ReportError, match=r"results.csv line 2, column 'test_error': 'n/a' is not a number"):
+        scaling_curves.read_results([str(path)])
+    assert scaling_curves.main([f"--results={path}", f"--out={tmp_path / 'out'}"]) == 2
+
+
+def test_case8_ctrl_c_says_step_and_resume_point(idx_dir, data_dir, tmp_path, monkeypatch):
+    from seqvis.data import pipeline
+
+    real = pipeline.train_iterator
+
+    def interrupted(cfg, **kw):
+        for step, batch in enumerate(real(cfg, **kw), start=kw.get("start_step", 0)):
+            if step == 5:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(pipeline, "train_iterator", interrupted)
+    workdir = str(tmp_path / "int")
+    with pytest.raises(TrainingInterrupted) as e:
+        train_and_evaluate(tiny(idx_dir, data_dir, total_steps=8), workdir)
+    assert str(e.value) == f"interrupted at step 5; re-run the same command to resume from step 4 ({workdir})."
+    assert isinstance(e.value, KeyboardInterrupt)
+
+
+# ---------------------------------------------------------------------------- case 9 (and orbax errors once)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # tensorstore's echoes of the error
+def test_case9_full_disk_cleans_up_and_resume_logs_each_step_once(idx_dir, data_dir, tmp_path, monkeypatch):
+    """The second checkpoint write fails (file size limit: EFBIG, like ENOSPC); the error is
+    raised once with the step and the resume point, the unfinished directory is removed,
+    and the resumed run writes every metrics step once."""
+    workdir = str(tmp_path / "full")
+    real_save = ckpt_lib.Checkpointer.save
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    calls = []
+
+    def save(self, step, *a, **kw):
+        calls.append(step)
+        if len(calls) == 2:  # once step 2 is on disk, no file may grow past 16 kB: the state does not fit
+            self.wait()
+            resource.setrlimit(resource.RLIMIT_FSIZE, (16384, hard))
+        return real_save(self, step, *a, **kw)
+
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save)
+    config = tiny(idx_dir, data_dir, total_steps=6, log_every_steps=1, async_checkpointing=True)
+    try:
+        with pytest.raises(ckpt_lib.CheckpointError) as e:
+            train_and_evaluate(config, workdir)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    msg = str(e.value)
+    assert msg.startswith(f"Could not write the checkpoint for step 4 in {workdir}/checkpoints")
+    assert msg.endswith("re-run the same command to resume from step 2.")
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]  # no *.orbax-checkpoint-tmp left
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "save", real_save)
+    train_and_evaluate(config, workdir)
+    assert metric_steps(workdir) == [1, 2, 3, 4, 5, 6]
+    assert metric_steps(workdir, "eval/") == [6]
+
+
+def test_case9_metrics_truncation_rules(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    rows = [{"step": 2, "train/loss": 1}, {"step": 4, "train/loss": 1}, {"step": 4, "eval/accuracy": 0.5},
+            {"step": 6, "train/loss": 1}, {"step": 6, "eval/accuracy": 0.6}]
+    for resume, total, kept in ((4, 10, rows[:3]), (6, 6, rows[:4]), (0, 6, [])):
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+            f.write('{"step": 7, "train/lo')  # a line cut short by a kill
+        truncate_jsonl(path, resume, total)
+        assert [json.loads(line) for line in open(path)] == kept
