@@ -172,7 +172,8 @@ def render_workdir(workdir: str, out_dir: str | None = None, num_images: int = 8
     import jax
 
     from seqvis.data import pipeline as data_lib
-    from seqvis.models.captioning import make_decoder, region_geometry
+    from seqvis.models.captioning import region_geometry
+    from seqvis.models.decoding import make_decoder
     from seqvis.train import captioning as cap_task
 
     task = cap_task.workdir_task(workdir, data_lib)  # with the workdir's vocabulary

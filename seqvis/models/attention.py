@@ -147,6 +147,10 @@ class MultiHeadAttention(nn.Module):
     ``sow('intermediates', 'attention_weights', ...)``; read them with
     ``model.apply(variables, x, mutable=['intermediates'])``.
 
+    For autoregressive decoding, ``__call__`` takes a key/value ``cache`` (written at
+    ``cache_index``, or static cross-attention keys/values from :meth:`project_kv`) and then
+    returns ``(out, cache)``; the parameters are the same in every mode.
+
     Attributes:
       num_heads: number of heads h; ``qkv_features`` must be divisible by it.
       qkv_features: total width of q, k, v (default: the query input width).
@@ -168,7 +172,6 @@ class MultiHeadAttention(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
     def __call__(
         self,
         inputs_q: Array,
@@ -177,15 +180,40 @@ class MultiHeadAttention(nn.Module):
         *,
         causal: bool = False,
         deterministic: bool = True,
-    ) -> Array:
-        if inputs_kv is None:
+        cache: dict | None = None,
+        cache_index: int | Array | None = None,
+    ):
+        """Attend from ``inputs_q`` to ``inputs_kv``; returns ``out``, or ``(out, cache)`` with ``cache``.
+
+        Decoding modes (``cache = {'key', 'value'}``, each ``[batch, N, heads, head_dim]``):
+
+        - static (``cache_index=None``): the keys/values are ``cache`` (e.g. from :meth:`project_kv`,
+          computed once per image for cross-attention); ``inputs_kv`` must be None.
+        - update (``cache_index=t``): ``inputs_q`` are the tokens at positions ``t .. t+Lq-1``; their
+          keys/values (from ``inputs_kv``, default ``inputs_q``) are written into the cache there, and
+          query ``t+i`` attends to cache positions ``<= t+i`` only (causal; later slots are not written
+          yet and whatever they hold is masked). ``t + Lq`` must not exceed N.
+        """
+        return self._attend(inputs_q, inputs_kv, mask, causal, deterministic, cache, cache_index)
+
+    def project_kv(self, inputs_kv: Array, query_features: int | None = None) -> dict:
+        """Keys and values of ``inputs_kv [batch, Lk, D]``: ``{'key', 'value'}`` ``[batch, Lk, heads, head_dim]``,
+        the static cache of a cross-attention. ``query_features``: the width of the queries they will
+        meet (sets the head width when ``qkv_features`` is None; default ``D``)."""
+        return self._attend(None, inputs_kv, None, False, True, None, None, query_features)
+
+    @nn.compact
+    def _attend(self, inputs_q, inputs_kv, mask, causal, deterministic, cache, cache_index, query_features=None):
+        static = cache is not None and cache_index is None
+        if static and inputs_kv is not None:
+            raise ValueError("MultiHeadAttention: pass inputs_kv or a static cache (cache_index=None), not both.")
+        if inputs_kv is None and not static:
             inputs_kv = inputs_q
-        if inputs_q.ndim != 3 or inputs_kv.ndim != 3:
-            raise ValueError(
-                "MultiHeadAttention expects inputs [batch, length, features]; got "
-                f"inputs_q {inputs_q.shape} and inputs_kv {inputs_kv.shape}."
-            )
-        features = self.qkv_features or inputs_q.shape[-1]
+        for name, x in (("inputs_q", inputs_q), ("inputs_kv", inputs_kv)):
+            if x is not None and x.ndim != 3:
+                raise ValueError(f"MultiHeadAttention expects inputs [batch, length, features]; got {name} {x.shape}.")
+        q_width = inputs_q.shape[-1] if inputs_q is not None else (query_features or inputs_kv.shape[-1])
+        features = self.qkv_features or q_width
         if features % self.num_heads:
             raise ValueError(
                 f"Attention width {features} is not divisible by num_heads={self.num_heads}; "
@@ -201,15 +229,34 @@ class MultiHeadAttention(nn.Module):
             param_dtype=self.param_dtype,
             name=name,
         )
+        if inputs_q is None:  # project_kv
+            return {"key": dense("key")(inputs_kv), "value": dense("value")(inputs_kv)}
         q = dense("query")(inputs_q)  # [b, Lq, h, d]
-        k = dense("key")(inputs_kv)  # [b, Lk, h, d]
-        v = dense("value")(inputs_kv)  # [b, Lk, h, d]
+        if static:
+            k, v = cache["key"], cache["value"]  # [b, Lk, h, d]
+        else:
+            k = dense("key")(inputs_kv)  # [b, Lk, h, d]
+            v = dense("value")(inputs_kv)  # [b, Lk, h, d]
 
-        lq, lk = q.shape[1], k.shape[1]
-        if causal:
-            if lq != lk:
-                raise ValueError(f"causal attention needs Lq == Lk, got {lq} and {lk}.")
+        lq = q.shape[1]
+        if cache is not None and not static:  # update: write at cache_index, attend to positions <= own
+            n = cache["key"].shape[1]
+            if k.shape[1] != lq:
+                raise ValueError(f"a self-attention cache needs as many keys as queries, got {k.shape[1]} and {lq}.")
+            if isinstance(cache_index, int) and not 0 <= cache_index <= n - lq:
+                raise ValueError(f"cache_index={cache_index} with {lq} new tokens does not fit a cache of length {n}.")
+            upd = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), cache_index, axis=1)  # noqa
+            k, v = upd(cache["key"], k), upd(cache["value"], v)
+            cache = {"key": k, "value": v}
+            written = jnp.arange(n)[None, :] <= (cache_index + jnp.arange(lq))[:, None]  # [Lq, N]
+            mask = combine_masks(mask, written[None, None])
+        elif causal:
+            if static:
+                raise ValueError("causal attention has no meaning with a static (cross-attention) cache.")
+            if lq != k.shape[1]:
+                raise ValueError(f"causal attention needs Lq == Lk, got {lq} and {k.shape[1]}.")
             mask = combine_masks(mask, make_causal_mask(lq)[None, None])
+        lk = k.shape[1]
         if mask is not None:
             mask = jnp.broadcast_to(jnp.asarray(mask, bool), (q.shape[0], self.num_heads, lq, lk))
 
@@ -230,7 +277,7 @@ class MultiHeadAttention(nn.Module):
             self.sow("intermediates", "attention_weights", weights)
             out = jnp.swapaxes(out, 1, 2)  # [b, Lq, h, d]
 
-        return nn.DenseGeneral(
+        out = nn.DenseGeneral(
             features=self.out_features or inputs_q.shape[-1],
             axis=(-2, -1),
             use_bias=self.use_bias,
@@ -240,3 +287,4 @@ class MultiHeadAttention(nn.Module):
             param_dtype=self.param_dtype,
             name="out",
         )(out)
+        return out if cache is None else (out, cache)

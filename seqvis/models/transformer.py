@@ -8,7 +8,9 @@ in ViT), on tokens ``x [batch, L, D]``::
 
 Decoder block (for captioning): causal self-attention, then cross-attention from the text
 tokens ``y [batch, T, D]`` to the image tokens ``m [batch, S, Dm]``, then the MLP, each with
-its pre-LN residual.
+its pre-LN residual. For decoding one token at a time the decoder carries a key/value
+cache per layer (``[batch, max_len, heads, head_dim]``, written at the current index) and
+takes the cross-attention keys/values of the memory precomputed once (``Decoder.cross_kv``).
 
 Stochastic depth (Huang et al. 2016) drops a whole residual branch per example with
 probability p during training and rescales survivors by 1/(1-p); in a stack of L layers
@@ -230,6 +232,13 @@ class DecoderBlock(nn.Module):
     optional ``self_mask`` broadcastable to ``[batch, heads, T, T]`` (ANDed with the causal
     mask) and ``memory_mask`` broadcastable to ``[batch, heads, T, S]``; output ``[batch, T, D]``.
     Cross-attention weights are sown by the ``CrossAttention`` submodule.
+
+    Decoding with a key/value cache: ``cache = {'key', 'value'}`` ``[batch, N, heads, head_dim]``
+    (the self-attention keys/values of positions ``< cache_index``) and ``y`` the tokens at
+    positions ``cache_index ..``; ``cross`` optionally holds the cross-attention keys/values of
+    ``memory`` from :meth:`cross_kv` (then ``memory`` is not read). Returns ``(out, new_cache)``.
+    Built in ``setup`` (so ``cross_kv`` can reach the submodules) with the names the compact
+    version had, so parameters and dropout streams are unchanged.
     """
 
     mlp_dim: int
@@ -240,30 +249,53 @@ class DecoderBlock(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, y: Array, memory: Array, self_mask: Array | None = None,
-                 memory_mask: Array | None = None, *, deterministic: bool = True) -> Array:
-        ln = lambda name: nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
-        mha = lambda name: MultiHeadAttention(  # noqa: E731
+    def setup(self):
+        ln = lambda: nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype)  # noqa: E731
+        mha = lambda: MultiHeadAttention(  # noqa: E731
             num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
-            use_fused=self.use_fused_attention, dtype=self.dtype, param_dtype=self.param_dtype,
-            name=name)
-        drop = lambda t: nn.Dropout(self.dropout_rate)(t, deterministic=deterministic)  # noqa: E731
+            use_fused=self.use_fused_attention, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.LayerNorm_0 = ln()
+        self.SelfAttention = mha()
+        self.Dropout_0 = nn.Dropout(self.dropout_rate)
+        self.LayerNorm_1 = ln()
+        self.CrossAttention = mha()
+        self.Dropout_1 = nn.Dropout(self.dropout_rate)
+        self.LayerNorm_2 = ln()
+        self.MlpBlock = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, dtype=self.dtype,
+                                 param_dtype=self.param_dtype)
 
-        h = mha("SelfAttention")(ln("LayerNorm_0")(y), mask=self_mask, causal=True,
-                                 deterministic=deterministic)
-        y = y + drop(h)
-        h = mha("CrossAttention")(ln("LayerNorm_1")(y), memory, mask=memory_mask,
-                                  deterministic=deterministic)
-        y = y + drop(h)
-        h = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="MlpBlock")(ln("LayerNorm_2")(y),
-                                                                    deterministic=deterministic)
-        return y + h
+    def __call__(self, y: Array, memory: Array | None, self_mask: Array | None = None,
+                 memory_mask: Array | None = None, *, deterministic: bool = True,
+                 cache: dict | None = None, cache_index: int | Array | None = None, cross: dict | None = None):
+        h = self.LayerNorm_0(y)
+        if cache is None:
+            h = self.SelfAttention(h, mask=self_mask, causal=True, deterministic=deterministic)
+        else:
+            h, cache = self.SelfAttention(h, mask=self_mask, cache=cache, cache_index=cache_index,
+                                          deterministic=deterministic)
+        y = y + self.Dropout_0(h, deterministic=deterministic)
+        h = self.LayerNorm_1(y)
+        if cross is None:
+            h = self.CrossAttention(h, memory, mask=memory_mask, deterministic=deterministic)
+        else:
+            h, _ = self.CrossAttention(h, mask=memory_mask, cache=cross, deterministic=deterministic)
+        y = y + self.Dropout_1(h, deterministic=deterministic)
+        y = y + self.MlpBlock(self.LayerNorm_2(y), deterministic=deterministic)
+        return y if cache is None else (y, cache)
+
+    def cross_kv(self, memory: Array, width: int) -> dict:
+        """Cross-attention keys/values of ``memory`` for queries of width ``width`` (once per image)."""
+        return self.CrossAttention.project_kv(memory, query_features=width)
 
 
 class Decoder(nn.Module):
-    """Stack of decoder blocks and a final LayerNorm: ``[batch, T, D], [batch, S, Dm] -> [batch, T, D]``."""
+    """Stack of decoder blocks and a final LayerNorm: ``[batch, T, D], [batch, S, Dm] -> [batch, T, D]``.
+
+    With ``cache`` (one :class:`DecoderBlock` cache per layer, keyed ``decoderblock_i``; see
+    :meth:`init_cache`) it decodes the tokens at positions ``cache_index ..`` and returns
+    ``(out, new_cache)``; ``cross`` (from :meth:`cross_kv`) replaces the per-call cross-attention
+    key/value projections of ``memory``.
+    """
 
     num_layers: int
     mlp_dim: int
@@ -274,14 +306,41 @@ class Decoder(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, y: Array, memory: Array, self_mask: Array | None = None,
-                 memory_mask: Array | None = None, *, deterministic: bool = True) -> Array:
-        for i in range(self.num_layers):
-            y = DecoderBlock(
+    def setup(self):
+        self.blocks = [
+            DecoderBlock(
                 mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate,
                 use_fused_attention=self.use_fused_attention, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f"decoderblock_{i}",
-            )(y, memory, self_mask, memory_mask, deterministic=deterministic)
-        return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="decoder_norm")(y)
+                param_dtype=self.param_dtype, name=f"decoderblock_{i}")
+            for i in range(self.num_layers)]
+        self.decoder_norm = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def __call__(self, y: Array, memory: Array | None, self_mask: Array | None = None,
+                 memory_mask: Array | None = None, *, deterministic: bool = True,
+                 cache: dict | None = None, cache_index: int | Array | None = None, cross: dict | None = None):
+        new_cache = {}
+        for i, block in enumerate(self.blocks):
+            name = f"decoderblock_{i}"
+            if cache is None:
+                y = block(y, memory, self_mask, memory_mask, deterministic=deterministic,
+                          cross=None if cross is None else cross[name])
+            else:
+                y, new_cache[name] = block(y, memory, self_mask, memory_mask, deterministic=deterministic,
+                                           cache=cache[name], cache_index=cache_index,
+                                           cross=None if cross is None else cross[name])
+        y = self.decoder_norm(y)
+        return y if cache is None else (y, new_cache)
+
+    def cross_kv(self, memory: Array, width: int) -> dict:
+        """Every layer's cross-attention keys/values of ``memory [batch, S, Dm]`` for a decoder of
+        width ``width``: ``{decoderblock_i: {'key', 'value'} [batch, S, heads, width/heads]}``."""
+        return {f"decoderblock_{i}": block.cross_kv(memory, width) for i, block in enumerate(self.blocks)}
+
+    @nn.nowrap
+    def init_cache(self, batch: int, length: int, width: int, dtype: Dtype = jnp.float32) -> dict:
+        """An empty self-attention cache: ``{decoderblock_i: {'key', 'value'} [batch, length, heads, width/heads]}``."""
+        if width % self.num_heads:
+            raise ValueError(f"decoder width {width} is not divisible by num_heads={self.num_heads}.")
+        zeros = jnp.zeros((batch, length, self.num_heads, width // self.num_heads), dtype)
+        return {f"decoderblock_{i}": {"key": zeros, "value": zeros} for i in range(self.num_layers)}

@@ -44,6 +44,7 @@ import optax
 
 from seqvis.data.tokenizer import Tokenizer, VocabularyError
 from seqvis.models import captioning as cap
+from seqvis.models import decoding
 from seqvis.train.tasks import Task, register_task
 from seqvis.train.trainer import ConfigError
 
@@ -410,9 +411,9 @@ class CaptioningTask(Task):
         tok, model, dec = self.tokenizer, self.model, config.decode
         steps = self.max_len - 1
         common = dict(max_steps=steps, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
-        decoders = {"greedy": cap.make_decoder(model, method="greedy", **common),
-                    "beam": cap.make_decoder(model, method="beam", beam_size=int(dec.beam_size),
-                                             alpha=float(dec.get("length_penalty", 0.0)), **common)}
+        decoders = {"greedy": decoding.make_decoder(model, method="greedy", **common),
+                    "beam": decoding.make_decoder(model, method="beam", beam_size=int(dec.beam_size),
+                                                  alpha=float(dec.get("length_penalty", 0.0)), **common)}
         variables = jax.device_put(variables, jax.local_devices()[0])
         grid = self.feature_grid(variables)
         h, w, _ = config.data.image_shape
