@@ -12,6 +12,9 @@ whole causal prefix), and their ratio. The model is the scenes transformer of
 every caption runs all ``max_len`` steps and both paths do the same, fixed amount of work.
 Calls alternate between the two paths (the order flips every round) so that load drift hits
 both alike; compile time is reported separately. The tokens of both paths are checked equal.
+``xla_gflops`` is XLA's cost analysis of each compiled decoder, which counts the body of the
+decoding while-loop once: encoder + per-image preparation + one step (``encode_gflops`` is the
+encoder alone), a machine-independent view of the per-step saving.
 Timings are only meaningful on an otherwise idle machine.
 """
 
@@ -49,6 +52,13 @@ def _timed(fn, *args):
     return time.perf_counter() - t, out
 
 
+def _gflops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = (cost or {}).get("flops")
+    return None if flops is None else flops / 1e9
+
+
 def run(args) -> list[dict]:
     config = scenes_transformer_config()
     image_shape = tuple(config.data.image_shape)
@@ -63,18 +73,21 @@ def run(args) -> list[dict]:
     variables = model.init(jax.random.key(0), images[:1], jnp.zeros((1, args.max_len), jnp.int32))
     regions = jax.eval_shape(lambda v, x: model.apply(v, x, method=model.encode), variables, images)["memory"].shape[1]
 
-    encode = jax.jit(lambda v, x: model.apply(v, x, method=model.encode))
-    _timed(encode, variables, images)
+    encode = jax.jit(lambda v, x: model.apply(v, x, method=model.encode)).lower(variables, images).compile()
+    _timed(encode, variables, images)  # warm-up
     encode_s = statistics.median(_timed(encode, variables, images)[0] for _ in range(args.repeats))
 
     common = dict(max_steps=args.max_len, bos_id=BOS, eos_id=PAD, pad_id=PAD)  # <pad> is banned: no early end
     lines = []
     for method in ("greedy", "beam"):
-        fns = {name: decoding.make_decoder(m, method=method, beam_size=args.beam, **common)
-               for name, m in (("cached", model), ("uncached", ref_model))}
-        compile_s, outs = {}, {}
-        for name, fn in fns.items():
-            compile_s[name], outs[name] = _timed(fn, variables, images)
+        fns, compile_s, gflops, outs = {}, {}, {}, {}
+        for name, m in (("cached", model), ("uncached", ref_model)):
+            t = time.perf_counter()
+            fns[name] = decoding.make_decoder(m, method=method, beam_size=args.beam, **common).lower(
+                variables, images).compile()
+            compile_s[name] = time.perf_counter() - t
+            gflops[name] = _gflops(fns[name])
+            _, outs[name] = _timed(fns[name], variables, images)  # first call: warm-up, not timed
         times = {name: [] for name in fns}
         for r in range(args.repeats):
             for name in (("cached", "uncached") if r % 2 == 0 else ("uncached", "cached")):
@@ -87,7 +100,7 @@ def run(args) -> list[dict]:
             "repeats": args.repeats, "cached_s": med["cached"], "uncached_s": med["uncached"],
             "speedup": med["uncached"] / med["cached"],
             "cached_runs_s": times["cached"], "uncached_runs_s": times["uncached"],
-            "compile_s": compile_s, "encode_s": encode_s,
+            "compile_s": compile_s, "encode_s": encode_s, "xla_gflops": gflops, "encode_gflops": _gflops(encode),
             "tokens_equal": bool(np.array_equal(np.asarray(outs["cached"]["tokens"]),
                                                 np.asarray(outs["uncached"]["tokens"]))),
             "quick": bool(args.quick), "backend": jax.default_backend(),
