@@ -39,8 +39,9 @@ teacher-forced logits for the same prefix: the LSTMs run the same cell; the tran
 ``kv_cache=True``, the default) keeps every layer's self-attention keys/values
 ``[B, max_positions, heads, head_dim]`` in ``state``, writes position t's at index t and attends
 to positions <= t, and its cross-attention keys/values over the regions are computed once per
-image (``prepare_decoding``), so a step costs O(t) instead of re-running the whole prefix
-(``kv_cache=False``: the reference path, O(T²) per caption, same parameters).
+image (``prepare_decoding``), so a step runs one token through the layers (attending over the
+``max_positions`` cache slots) instead of re-running the whole prefix and re-projecting the
+regions (``kv_cache=False``: the reference path, O(T²) per caption, same parameters).
 """
 
 from __future__ import annotations
@@ -292,7 +293,7 @@ class TransformerCaptioner(nn.Module):
         the decoding key/value cache, so at most this many tokens are decoded).
       width, num_layers, num_heads, mlp_dim: decoder sizes.
       dropout_rate, attention_dropout_rate: regularisation.
-      kv_cache: decode with a key/value cache (``step`` costs O(t)); False re-runs the whole
+      kv_cache: decode with a key/value cache (``step`` runs one token); False re-runs the whole
         causal prefix at every step (the reference). Training and parameters do not depend on it.
     """
 
