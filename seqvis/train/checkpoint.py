@@ -141,6 +141,14 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def steps_on_disk(self) -> list[int]:
+        """Committed steps as the directory shows them (a save interrupted inside orbax may
+        be committed by its background thread without the manager knowing)."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(int(n) for n in os.listdir(self.directory)
+                      if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
+
     # ------------------------------------------------------------------ saving
 
     def save(self, step: int, state: Any, meta: dict, config: dict) -> None:

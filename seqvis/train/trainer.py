@@ -165,7 +165,7 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at_step: int | None = 
         if ckpt is not None:
             try:
                 ckpt.close(raise_errors=False)  # lets a checkpoint being written finish
-                steps = ckpt.steps()
+                steps = ckpt.steps_on_disk()
             except BaseException:  # noqa: BLE001 - a second Ctrl-C: report what we know
                 pass
         where = f"at step {run['step']}" if run["step"] is not None else "before training started"
