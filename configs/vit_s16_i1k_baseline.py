@@ -16,7 +16,7 @@ def get_config(arg: str | None = None):
     c = base_config()
     c.data = data_config(
         "imagenet2012",
-        pp_train="decode|inception_crop(224, area_min=5)|flip_lr|randaugment(2, 10)|value_range(-1, 1)",
+        pp_train="decode_jpeg_and_inception_crop(224, area_min=5)|flip_lr|randaugment(2, 10)|value_range(-1, 1)",
     )
     c.data.mixup.p = 1.0
     c.data.mixup.alpha = 0.2

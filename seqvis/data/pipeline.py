@@ -1,25 +1,48 @@
 """tfds dataset -> tf.data pipeline -> numpy batches ``[local_devices, per_device_batch, ...]``.
 
-Determinism: the batch at step s is a pure function of (seed, s) for a given dataset and
-process count. Epoch e visits this process's examples in an order fixed by (seed, e,
-process); example i of epoch e gets the augmentation seed (seed, e·N + i). A run resumed at
-step s skips ``s · per_process_batch`` examples of that stream (cheap: they are skipped
-before preprocessing) and continues with exactly the batches an uninterrupted run sees.
+Where training examples come from (chosen per run and logged):
 
-Evaluation visits every example of the split once: the last batch is padded with zeros
-and ``mask = 0``, and every process yields the same number of batches.
+- ``memory``: the split decoded once into host arrays. Chosen by the cache policy
+  (``config.data.cache``): ``"auto"`` (default) caches only when every feature has a
+  known shape and the decoded split fits ``config.data.cache_max_gb`` (default: a quarter
+  of host RAM); ``"memory"`` insists; ``"none"`` never caches. Big sets (ImageNet, COCO,
+  UCF101) have images of unknown size and are never cached.
+- ``records``: random access to the prepared tfds files (``array_record`` format, e.g.
+  ``tfds build NAME --file_format=array_record``). Image bytes stay encoded until a pp op
+  decodes them (``decode``, or the fused ``decode_jpeg_and_inception_crop``).
+- ``stream``: sequential reading of ``tfrecord`` files (no random access), a shuffle
+  buffer, and a skip on resume (the previous behaviour; resuming re-reads up to one epoch
+  of records). Used only when the files allow nothing better; the log says so.
+
+Order (``memory`` and ``records``). Global position ``t = s·B + j`` for step ``s`` and
+example ``j`` of the global batch ``B``; epoch ``e = t // n``; example index
+``π_e(t mod n)`` with ``π_e`` a stateless pseudo-random permutation of the ``n`` examples
+(``tf.random.experimental.index_shuffle`` with seed ``(seed, e)``: O(1) per index, no
+table). Process ``p`` of ``P`` takes positions ``p·B/P .. (p+1)·B/P - 1`` of every global
+batch, so the processes together see every example once per epoch. Example ``t`` gets the
+augmentation seed ``(seed, t)``. The global batch at step ``s`` therefore depends on
+``(seed, s)`` only, and resuming at step ``s`` reads exactly the records of that batch:
+O(1), not a re-read of the epoch.
+
+Evaluation visits every example of the split once (contiguous per-process shards): the
+last batch is padded with zeros and ``mask = 0``, and every process yields the same
+number of batches.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+import os
 from typing import Any, Iterator
 
 import numpy as np
 
 from seqvis.data import preprocess
-
 from seqvis.data.builders import LOCAL_BUILDERS, local_builder_class
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -31,6 +54,9 @@ def _tf():
 
     tf.config.set_visible_devices([], "GPU")  # keep TF off the accelerators JAX uses
     return tf
+
+
+# ============================================================================ builders and splits
 
 
 def get_builder(cfg: Any):
@@ -73,16 +99,51 @@ def _not_prepared(name: str, data_dir: str | None, err: Exception) -> DataError:
     return DataError(
         f"Dataset {name!r} is not prepared in {data_dir or 'the default tfds data_dir'} and this code never "
         f"downloads at run time ({type(err).__name__}). Prepare it on a machine with internet: "
-        f"`tfds build {name} --data_dir=DIR` (or follow the dataset's manual-download instructions), copy DIR "
-        "here and set --config.data.data_dir=DIR. Offline alternatives: fashion_mnist / mnist (local IDX files).")
+        f"`tfds build {name} --data_dir=DIR --file_format=array_record` (or follow the dataset's manual-download "
+        "instructions), copy DIR here and set --config.data.data_dir=DIR. Offline alternatives: fashion_mnist / "
+        "mnist (local IDX files).")
 
 
-def _as_dataset(builder, split: str, cfg: Any):
+def _image_keys(builder) -> list[str]:
+    import tensorflow_datasets as tfds
+
+    return [k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image)]
+
+
+def _decoders(builder, pp_spec: str) -> dict | None:
+    """Skip tfds' decoding of images of any size when the pp ops decode them (decode late: after the crop
+    is known, only the crop window of a JPEG). Images of a fixed shape are decoded by tfds as before (the
+    ``decode`` op passes them through): nothing to gain, and they may be cached decoded."""
+    import tensorflow_datasets as tfds
+
+    names = {p.strip().split("(")[0].strip() for p in (pp_spec or "").split("|")}
+    if not names & set(preprocess.DECODE_OPS):
+        return None
+    keys = [k for k in _image_keys(builder) if None in builder.info.features[k].shape]
+    return {k: tfds.decode.SkipDecoding() for k in keys} or None
+
+
+def _pp_defaults(builder) -> dict:
+    """Defaults for pp op arguments taken from the dataset: the image channel count for ``decode``."""
+    keys = _image_keys(builder)
+    if not keys:
+        return {}
+    c = builder.info.features[keys[0]].shape[-1]
+    return {"channels": int(c) if c else 3}
+
+
+def _as_dataset(builder, split: str, cfg: Any, decoders: dict | None = None):
+    """The split in file order as a tf.data dataset (tfrecord files through tfds, array_record files through
+    their data source: tfds cannot stream those with ``as_dataset``)."""
     tf = _tf()
-    try:
-        ds = builder.as_dataset(split=split, shuffle_files=False)
-    except (AssertionError, tf.errors.NotFoundError, FileNotFoundError) as e:
-        raise _not_prepared(builder.name, cfg.get("data_dir") or None, e) from e
+    records = RecordSource.open(builder, split)
+    if records is not None:
+        ds = RecordSource(builder, split, records, decoders).in_order()
+    else:
+        try:
+            ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+        except (AssertionError, tf.errors.NotFoundError, FileNotFoundError) as e:
+            raise _not_prepared(builder.name, cfg.get("data_dir") or None, e) from e
     opts = tf.data.Options()
     opts.deterministic = True
     return ds.with_options(opts)
@@ -96,23 +157,27 @@ def process_split(split: str, process_index: int, process_count: int) -> str:
     return tfds.even_splits(split, n=process_count)[process_index]
 
 
-def num_examples(cfg: Any, split: str) -> int:
-    builder = get_builder(cfg)
+_COUNTED: dict[tuple, int] = {}
+
+
+def split_size(builder, split: str, cfg: Any) -> int:
+    """Examples in ``split``, from the dataset info; counted (once per process) only when the info has no
+    sizes, as with tfds mock data."""
     try:
         return int(builder.info.splits[split].num_examples)
-    except (KeyError, ValueError) as e:
+    except KeyError:
+        pass
+    except ValueError as e:
         raise DataError(f"config.data split {split!r} is not a split of {builder.name}: {e}") from e
+    key = (builder.name, str(builder.data_dir), split)
+    if key not in _COUNTED:
+        log.info("The dataset info of %s has no size for split %r: counting it once.", builder.name, split)
+        _COUNTED[key] = sum(1 for _ in _as_dataset(builder, split, cfg))
+    return _COUNTED[key]
 
 
-def _split_size(builder, split: str, ds, counted: bool) -> int:
-    """Examples in ``split``: counted through ``ds`` when it is cached (one pass fills the cache),
-    else read from the dataset info, counting only when the info has no split sizes (mock data)."""
-    if not counted:
-        try:
-            return int(builder.info.splits[split].num_examples)
-        except KeyError:
-            pass
-    return sum(1 for _ in ds)
+def num_examples(cfg: Any, split: str) -> int:
+    return split_size(get_builder(cfg), split, cfg)
 
 
 def _defaults(process_index, process_count, local_device_count):
@@ -129,31 +194,204 @@ def _to_devices(batch: dict, devices: int) -> dict:
             if not k.startswith("_") and v.dtype.kind in "biuf"}
 
 
-def train_iterator(cfg: Any, *, global_batch_size: int, seed: int, start_step: int = 0,
-                   process_index: int | None = None, process_count: int | None = None,
-                   local_device_count: int | None = None,
-                   extra_ops: tuple = ()) -> Iterator[dict[str, np.ndarray]]:
-    """Endless iterator of training batches starting at ``start_step``.
+# ============================================================================ cache policy
 
-    ``extra_ops`` (functions example -> example, from the task) run after the config's ops.
+
+def host_memory_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def decoded_bytes(builder, split: str, cfg: Any) -> int | None:
+    """Bytes of ``split`` decoded in memory, or None when a feature has no fixed shape (images of any size).
+
+    Fixed-shape tensors count ``prod(shape) · itemsize`` per example; strings (captions, ids)
+    count at most the split's size on disk, which holds them verbatim.
     """
+    import tensorflow as tf
+
+    per_example, strings = 0, False
+    for info in tf.nest.flatten(builder.info.features.get_tensor_info()):
+        if any(d is None for d in info.shape):
+            return None
+        if info.tf_dtype == tf.string:
+            strings = True
+        else:
+            per_example += int(np.prod(info.shape, dtype=np.int64)) * info.tf_dtype.size
+    n = split_size(builder, split, cfg)
+    extra = 0
+    if strings:
+        try:
+            extra = int(builder.info.splits[split].num_bytes)
+        except (KeyError, ValueError, AttributeError):
+            extra = 0
+        extra = extra or 1024 * n  # no size recorded (mock data): a generous 1 KiB per example
+    return n * per_example + extra
+
+
+def cache_plan(builder, split: str, cfg: Any) -> tuple[bool, str]:
+    """(cache decoded in memory?, why) for ``config.data.cache`` = auto | memory | none."""
+    mode = cfg.get("cache", "auto")
+    mode = {True: "memory", False: "none"}.get(mode, mode)
+    if mode not in ("auto", "memory", "none"):
+        raise DataError(f"config.data.cache={mode!r}: use 'auto' (decoded in memory when it fits), 'memory' or "
+                        "'none'.")
+    if mode == "none":
+        return False, "config.data.cache='none'"
+    size = decoded_bytes(builder, split, cfg)
+    budget_gb = cfg.get("cache_max_gb", None)
+    budget = float(budget_gb) * 2**30 if budget_gb is not None else host_memory_bytes() / 4
+    if size is None:
+        why = "its decoded size is unknown (features without a fixed shape)"
+        if mode == "memory":
+            raise DataError(f"config.data.cache='memory' but {builder.name} {split!r}: {why}; use cache='auto'.")
+        return False, why
+    if mode == "memory":
+        return True, f"config.data.cache='memory' ({size / 2**30:.2f} GiB decoded)"
+    if size > budget:
+        return False, (f"decoded it needs {size / 2**30:.2f} GiB > config.data.cache_max_gb="
+                       f"{budget / 2**30:.2f}")
+    return True, f"decoded it needs {size / 2**30:.2f} GiB <= config.data.cache_max_gb={budget / 2**30:.2f}"
+
+
+# ============================================================================ random-access sources
+
+
+class MemorySource:
+    """The split decoded once into numpy arrays (a nested dict like the tfds features)."""
+
+    kind = "memory"
+
+    def __init__(self, builder, split: str, cfg: Any):
+        tf = _tf()
+        parts = list(_as_dataset(builder, split, cfg).batch(4096).as_numpy_iterator())
+        if not parts:
+            raise DataError(f"split {split!r} of {builder.name} is empty.")
+        # Strings as fixed-width bytes: tf.data's generator input takes no multi-dimensional object arrays.
+        self.arrays = tf.nest.map_structure(
+            lambda *xs: np.concatenate(xs).astype(np.bytes_) if xs[0].dtype == object else np.concatenate(xs), *parts)
+        self.size = len(tf.nest.flatten(self.arrays)[0])
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, indices: np.ndarray) -> dict:
+        self.reads += len(indices)
+        return _tf().nest.map_structure(lambda a: a[indices], self.arrays)
+
+    def signature(self):
+        tf = _tf()
+        return tf.nest.map_structure(
+            lambda a: tf.TensorSpec((None,) + a.shape[1:], tf.string if a.dtype.kind in "OSU" else tf.as_dtype(a.dtype)),
+            self.arrays)
+
+    def parse(self, ex: dict) -> dict:
+        return ex
+
+
+class RecordSource:
+    """Random access to the serialized records of a prepared split (array_record files).
+
+    Records are returned as bytes and parsed inside tf.data (``features.deserialize_example``),
+    with tfds' image decoding skipped when the pp ops decode.
+    """
+
+    kind = "records"
+
+    def __init__(self, builder, split: str, data_source, decoders: dict | None):
+        self.builder, self.source, self.decoders = builder, data_source, decoders
+        self.size = len(data_source)
+        self.reads = 0
+
+    @staticmethod
+    def open(builder, split: str) -> Any | None:
+        """The raw-bytes data source of ``split``, or None when the files allow no random access."""
+        import tensorflow_datasets as tfds
+
+        fmt = builder.info.file_format
+        if fmt is None or fmt not in tfds.core.file_adapters.FileFormat.with_random_access():
+            return None
+        try:
+            src = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+            if len(src) and not isinstance(src[0], (bytes, np.bytes_)):
+                return None  # e.g. tfds mock data: generated examples, not records
+        except (NotImplementedError, ValueError, FileNotFoundError, AssertionError) as e:
+            log.info("No random access to %s %s (%s): reading it sequentially.", builder.name, split, e)
+            return None
+        return src
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, indices: np.ndarray) -> dict:
+        self.reads += len(indices)
+        records = self.source.__getitems__([int(i) for i in indices])
+        return {"_record": np.array(records, dtype=object)}
+
+    def signature(self):
+        tf = _tf()
+        return {"_record": tf.TensorSpec((None,), tf.string)}
+
+    def parse(self, ex: dict) -> dict:
+        out = self.builder.info.features.deserialize_example(ex["_record"], decoders=self.decoders)
+        return {**out, **{k: v for k, v in ex.items() if k != "_record"}}
+
+    def in_order(self, chunk: int = 256):
+        """Every example once, in file order (evaluation, the in-memory cache, counting)."""
+        tf = _tf()
+
+        def gen():
+            for lo in range(0, self.size, chunk):
+                yield self.read(np.arange(lo, min(self.size, lo + chunk)))
+
+        ds = tf.data.Dataset.from_generator(gen, output_signature=self.signature()).unbatch()
+        return ds.map(self.parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def shuffled_indices(positions: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Example index of each global stream position: ``π_e(t mod n)``, ``e = t // n`` (module docstring)."""
     tf = _tf()
-    pi, pc, nd = _defaults(process_index, process_count, local_device_count)
-    if global_batch_size % pc or (global_batch_size // pc) % nd:
-        raise DataError(f"config.batch_size={global_batch_size} must divide evenly over {pc} processes x {nd} "
-                        "local devices.")
-    per_proc = global_batch_size // pc
-    split = process_split(cfg.get("train_split", "train"), pi, pc)
-    builder = get_builder(cfg)
-    ops = preprocess.parse(cfg.get("pp_train", "decode"), field="config.data.pp_train") + list(extra_ops)
-    base = _as_dataset(builder, split, cfg)
-    if cfg.get("cache", True):
-        base = base.cache()
-    n = _split_size(builder, split, base, counted=bool(cfg.get("cache", True)))
+    epochs, within = np.divmod(positions.astype(np.int64), n)
+    out = np.empty_like(within)
+    for e in np.unique(epochs):
+        sel = epochs == e
+        out[sel] = tf.random.experimental.index_shuffle(
+            tf.constant(within[sel]), seed=tf.constant([int(seed), int(e)], tf.int64), max_index=n - 1).numpy()
+    return out
+
+
+def _indexed_stream(source, *, seed: int, start_step: int, global_batch: int, per_proc: int, pi: int):
+    """tf.data dataset of single examples, in stream order from ``start_step`` (this process's share)."""
+    tf = _tf()
+    n = len(source)
+
+    def gen():
+        step = start_step
+        while True:
+            pos = step * global_batch + pi * per_proc + np.arange(per_proc, dtype=np.int64)
+            ex = source.read(shuffled_indices(pos, n, seed))
+            ex["_seed"] = np.stack([np.full(per_proc, int(seed), np.int64), pos], axis=1)
+            yield ex
+            step += 1
+
+    sig = {**source.signature(), "_seed": tf.TensorSpec((None, 2), tf.int64)}
+    ds = tf.data.Dataset.from_generator(gen, output_signature=sig).unbatch()
+    return ds.map(source.parse, num_parallel_calls=tf.data.AUTOTUNE) if source.kind == "records" else ds
+
+
+def _sequential_stream(builder, split: str, cfg: Any, decoders, *, seed: int, start_step: int, per_proc: int,
+                       pi: int, pc: int):
+    """Fallback without random access: this process's shard in a shuffle-buffer order; resume skips records."""
+    tf = _tf()
+    split = process_split(split, pi, pc)
+    base = _as_dataset(builder, split, cfg, decoders)
+    n = split_size(builder, split, cfg)
     if n < per_proc:
         raise DataError(f"split {split!r} has {n} examples, fewer than one per-process batch ({per_proc}).")
-    start = start_step * per_proc
-    epoch0, offset = divmod(start, n)
+    epoch0, offset = divmod(start_step * per_proc, n)
     buffer = int(cfg.get("shuffle_buffer", 10_000)) or n
     key = (int(seed) * 1_000_003 + pi) % (2**31 - 1)
 
@@ -162,9 +400,66 @@ def train_iterator(cfg: Any, *, global_batch_size: int, seed: int, start_step: i
         d = d.enumerate()
         return d.map(lambda i, ex: {**ex, "_seed": tf.stack([tf.cast(key, tf.int64), e * n + i])})
 
-    ds = tf.data.Dataset.range(epoch0, 2**62).flat_map(epoch).skip(offset)
-    ds = ds.map(lambda ex: preprocess.apply(ops, ex), num_parallel_calls=tf.data.AUTOTUNE)
+    if offset:
+        log.warning("Resuming %s at step %d: %d records of the epoch are read and skipped (its files allow no "
+                    "random access; prepare it with --file_format=array_record for O(1) resume).",
+                    builder.name, start_step, offset)
+    return tf.data.Dataset.range(epoch0, 2**62).flat_map(epoch).skip(offset)
+
+
+def train_source(cfg: Any, builder, split: str, decoders) -> MemorySource | RecordSource | None:
+    """The random-access source of the training split per the cache policy, or None (sequential)."""
+    cache, why = cache_plan(builder, split, cfg)
+    if cache:
+        log.info("Input: %s %r decoded in host memory (%s).", builder.name, split, why)
+        return MemorySource(builder, split, cfg)
+    src = RecordSource.open(builder, split) if cfg.get("random_access", True) else None
+    if src is not None:
+        log.info("Input: %s %r read by random access, not cached (%s).", builder.name, split, why)
+        return RecordSource(builder, split, src, decoders)
+    log.info("Input: %s %r read sequentially, not cached (%s); resume re-reads up to one epoch.",
+             builder.name, split, why)
+    return None
+
+
+# ============================================================================ iterators
+
+
+def train_iterator(cfg: Any, *, global_batch_size: int, seed: int, start_step: int = 0,
+                   process_index: int | None = None, process_count: int | None = None,
+                   local_device_count: int | None = None,
+                   extra_ops: tuple = (), source: Any = None) -> Iterator[dict[str, np.ndarray]]:
+    """Endless iterator of training batches starting at ``start_step``.
+
+    ``extra_ops`` (functions example -> example, from the task) run after the config's ops.
+    ``source`` reuses a :func:`train_source` (benchmarks, tests that count reads).
+    """
+    tf = _tf()
+    pi, pc, nd = _defaults(process_index, process_count, local_device_count)
+    if global_batch_size % pc or (global_batch_size // pc) % nd:
+        raise DataError(f"config.batch_size={global_batch_size} must divide evenly over {pc} processes x {nd} "
+                        "local devices.")
+    per_proc = global_batch_size // pc
+    split = cfg.get("train_split", "train")
+    builder = get_builder(cfg)
+    spec = cfg.get("pp_train", "decode")
+    ops = preprocess.parse(spec, field="config.data.pp_train", defaults=_pp_defaults(builder)) + list(extra_ops)
+    decoders = _decoders(builder, spec)
+    source = source if source is not None else train_source(cfg, builder, split, decoders)
+    if source is not None:
+        if len(source) < global_batch_size:
+            raise DataError(f"split {split!r} has {len(source)} examples, fewer than one batch "
+                            f"(config.batch_size={global_batch_size}).")
+        ds = _indexed_stream(source, seed=seed, start_step=start_step, global_batch=global_batch_size,
+                             per_proc=per_proc, pi=pi)
+    else:
+        ds = _sequential_stream(builder, split, cfg, decoders, seed=seed, start_step=start_step, per_proc=per_proc,
+                                pi=pi, pc=pc)
+    ds = ds.map(functools.partial(preprocess.apply, ops), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(per_proc, drop_remainder=True).prefetch(int(cfg.get("prefetch", 2)) or tf.data.AUTOTUNE)
+    opts = tf.data.Options()
+    opts.deterministic = True
+    ds = ds.with_options(opts)
     mix = cfg.get("mixup", None)
     alpha = float(mix.get("alpha", 0.0)) if mix else 0.0
     p = float(mix.get("p", 0.0)) if mix else 0.0
@@ -191,13 +486,14 @@ def eval_iterator(cfg: Any, *, global_batch_size: int, split: str | None = None,
     per_proc = global_batch_size // pc
     split = split or cfg.get("eval_split", "test")
     builder = get_builder(cfg)
-    ops = preprocess.parse(cfg.get("pp_eval", "decode"), field="config.data.pp_eval") + list(extra_ops)
-    ds = _as_dataset(builder, process_split(split, pi, pc), cfg)
+    spec = cfg.get("pp_eval", "decode")
+    ops = preprocess.parse(spec, field="config.data.pp_eval", defaults=_pp_defaults(builder)) + list(extra_ops)
+    ds = _as_dataset(builder, process_split(split, pi, pc), cfg, _decoders(builder, spec))
     ds = ds.map(lambda ex: preprocess.apply(ops, {**ex, "_seed": tf.constant([0, 0], tf.int64)}),
                 num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(per_proc).prefetch(2)
     if pc > 1:  # all processes must run the same number of (collective) eval steps
-        counts = [builder.info.splits[process_split(split, i, pc)].num_examples for i in range(pc)]
+        counts = [split_size(builder, process_split(split, i, pc), cfg) for i in range(pc)]
         num_batches = math.ceil(max(counts) / per_proc)
     else:
         num_batches = None

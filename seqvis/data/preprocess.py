@@ -10,6 +10,7 @@ depends only on (run seed, epoch, position), never on threads or on resuming.
 from __future__ import annotations
 
 import ast
+import inspect
 from typing import Any, Callable
 
 import numpy as np
@@ -31,8 +32,13 @@ def _tf():
     return tf
 
 
-def parse(spec: str, field: str = "pp") -> list[Callable[[dict], dict]]:
-    """``"a|b(1, k=2)"`` -> list of per-example functions."""
+def parse(spec: str, field: str = "pp", defaults: dict | None = None) -> list[Callable[[dict], dict]]:
+    """``"a|b(1, k=2)"`` -> list of per-example functions.
+
+    ``defaults`` fills keyword arguments an op accepts but the spec leaves out (the pipeline
+    passes ``channels``: the dataset's channel count, so ``decode`` of a grayscale set stays
+    one channel and of an RGB set three, whatever the stored file holds).
+    """
     ops = []
     for i, part in enumerate(p.strip() for p in (spec or "").split("|")):
         if not part:
@@ -54,6 +60,9 @@ def parse(spec: str, field: str = "pp") -> list[Callable[[dict], dict]]:
             raise ValueError(f"{field}: op {part!r} is not of the form name or name(args).")
         if name not in OPS:
             raise ValueError(f"{field}: unknown op {name!r}; valid ops: {', '.join(sorted(OPS))}.")
+        for k, v in (defaults or {}).items():
+            if k not in kwargs and k in inspect.signature(OPS[name]).parameters:
+                kwargs[k] = v
         try:
             ops.append(OPS[name](*args, **kwargs))
         except TypeError as e:
@@ -88,8 +97,29 @@ def _image_op(fn):
     return op
 
 
+def _resize(img, hw, method: str = "bilinear", antialias: bool = False):
+    """``tf.image.resize`` that keeps uint8 images uint8 (rounded and clipped, not truncated)."""
+    tf = _tf()
+    out = tf.image.resize(img, hw, method=method, antialias=antialias)
+    if img.dtype == tf.uint8:
+        return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+    return tf.cast(out, img.dtype)
+
+
+# Ops that take the encoded bytes of an image: the pipeline lets tfds skip image decoding
+# (``tfds.decode.SkipDecoding``) when the pp spec contains one of them, so decoding happens
+# here, after the random crop is known, instead of for every example read.
+DECODE_OPS = ("decode", "decode_jpeg_and_inception_crop")
+
+
 @register("decode")
 def decode(channels: int | None = None):
+    """Encoded bytes (JPEG, PNG, GIF, BMP) -> uint8 ``[H, W, channels]``; a decoded image passes through.
+
+    ``channels`` defaults to the dataset's channel count (set by the pipeline): a grayscale
+    JPEG in an RGB set comes out with three channels, so every example batches.
+    """
+
     def fn(img, ex):
         tf = _tf()
         if img.dtype == tf.string:
@@ -100,14 +130,27 @@ def decode(channels: int | None = None):
 
 
 @register("resize")
-def resize(size, method: str = "bilinear"):
+def resize(size, method: str = "bilinear", antialias: bool = False):
+    """To exactly ``size x size`` (or ``(h, w)``); the aspect ratio is not kept (see resize_small)."""
     h, w = (size, size) if isinstance(size, int) else size
 
     def fn(img, ex):
+        return _resize(img, (h, w), method, antialias)
+
+    return _image_op(fn)
+
+
+@register("resize_small")
+def resize_small(size: int, method: str = "area", antialias: bool = False):
+    """Shorter side to ``size``, the aspect ratio kept (sides rounded to the nearest pixel)."""
+
+    def fn(img, ex):
         tf = _tf()
-        dtype = img.dtype
-        out = tf.image.resize(img, (h, w), method=method)
-        return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), dtype) if dtype == tf.uint8 else tf.cast(out, dtype)
+        hw = tf.cast(tf.shape(img)[:2], tf.float32)
+        new = tf.cast(tf.round(hw * (float(size) / tf.reduce_min(hw))), tf.int32)
+        out = _resize(img, new, method, antialias)
+        out.set_shape([None, None, img.shape[-1]])
+        return out
 
     return _image_op(fn)
 
@@ -140,20 +183,66 @@ def central_crop(size):
     return _image_op(fn)
 
 
+def _inception_window(shape, ex, area_min, area_max, ratio_min, ratio_max):
+    """A random crop window ``(begin, size)`` of an image of ``shape`` ``[H, W, C]`` (Inception/GoogLeNet:
+    area in [area_min, area_max] % of the image, aspect ratio in [ratio_min, ratio_max])."""
+    tf = _tf()
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, tf.zeros([0, 0, 4], tf.float32), seed=_seed(ex), area_range=(area_min / 100, area_max / 100),
+        aspect_ratio_range=(ratio_min, ratio_max), min_object_covered=0, use_image_if_no_bounding_boxes=True)
+    return begin, size
+
+
 @register("inception_crop")
-def inception_crop(size, area_min: float = 5, area_max: float = 100):
+def inception_crop(size, area_min: float = 5, area_max: float = 100, ratio_min: float = 0.75,
+                   ratio_max: float = 1.33, method: str = "bilinear", antialias: bool = False):
     h, w = (size, size) if isinstance(size, int) else size
 
     def fn(img, ex):
         tf = _tf()
-        begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            tf.shape(img), tf.zeros([0, 0, 4], tf.float32), seed=_seed(ex),
-            area_range=(area_min / 100, area_max / 100), min_object_covered=0, use_image_if_no_bounding_boxes=True)
+        begin, crop_size = _inception_window(tf.shape(img), ex, area_min, area_max, ratio_min, ratio_max)
         crop = tf.slice(img, begin, crop_size)
         crop.set_shape([None, None, img.shape[-1]])  # keep the static channel count
-        dtype = img.dtype
-        out = tf.image.resize(crop, (h, w))
-        return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), dtype) if dtype == tf.uint8 else out
+        return _resize(crop, (h, w), method, antialias)
+
+    return _image_op(fn)
+
+
+@register("decode_jpeg_and_inception_crop")
+def decode_jpeg_and_inception_crop(size, area_min: float = 5, area_max: float = 100, ratio_min: float = 0.75,
+                                   ratio_max: float = 1.33, channels: int | None = None, method: str = "bilinear",
+                                   antialias: bool = False):
+    """``decode|inception_crop(size)`` in one op that decodes only the crop window of a JPEG.
+
+    The window is drawn from the JPEG header's size (``tf.image.extract_jpeg_shape``) and
+    ``tf.image.decode_and_crop_jpeg`` decodes only the rows and blocks it covers; the same
+    seed gives the same window as ``inception_crop`` on the decoded image. Other formats are
+    decoded whole, then cropped; an image decoded upstream (in-memory cache, mock data) is
+    cropped directly.
+    """
+    h, w = (size, size) if isinstance(size, int) else size
+    c = channels or 3
+    window = (area_min, area_max, ratio_min, ratio_max)
+
+    def fn(img, ex):
+        tf = _tf()
+        if img.dtype != tf.string:
+            begin, crop_size = _inception_window(tf.shape(img), ex, *window)
+            crop = tf.slice(img, begin, crop_size)
+        else:
+            def jpeg():
+                begin, crop_size = _inception_window(tf.image.extract_jpeg_shape(img), ex, *window)
+                box = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
+                return tf.image.decode_and_crop_jpeg(img, box, channels=c)
+
+            def other():
+                full = tf.io.decode_image(img, channels=c, expand_animations=False)
+                begin, crop_size = _inception_window(tf.shape(full), ex, *window)
+                return tf.slice(full, begin, crop_size)
+
+            crop = tf.cond(tf.io.is_jpeg(img), jpeg, other)
+        crop.set_shape([None, None, img.shape[-1] if img.dtype != tf.string else c])
+        return _resize(crop, (h, w), method, antialias)
 
     return _image_op(fn)
 

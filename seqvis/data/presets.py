@@ -11,8 +11,10 @@ from __future__ import annotations
 import ml_collections
 
 _SMALL_GRAY = dict(image_shape=(28, 28, 1), num_classes=10, train_split="train", eval_split="test")
-_INCEPTION_224 = "decode|inception_crop(224)|flip_lr|value_range(-1, 1)"
-_CENTER_224 = "decode|resize(256)|central_crop(224)|value_range(-1, 1)"
+# ImageNet-size sets: the training crop decodes only its window of the JPEG; evaluation keeps
+# the aspect ratio (shorter side to 256, central 224 crop), as the published ViT/ResNet recipes.
+_INCEPTION_224 = "decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1, 1)"
+_CENTER_224 = "decode|resize_small(256)|central_crop(224)|value_range(-1, 1)"
 
 PRESETS: dict[str, dict] = {
     "fashion_mnist": dict(
@@ -33,7 +35,13 @@ PRESETS: dict[str, dict] = {
         pp_eval="decode|value_range(-1, 1)"),
     "imagenet2012": dict(
         name="imagenet2012", image_shape=(224, 224, 3), num_classes=1000,
-        train_split="train[:99%]", eval_split="validation",
+        train_split="train[:99%]", eval_split="validation", cache="none",
+        pp_train=_INCEPTION_224, pp_eval=_CENTER_224),
+    # ImageNet-like JPEGs made offline (seqvis.data.builders.synthetic_jpeg) with the ImageNet pp ops:
+    # the input pipeline's tests and `experiments.benchmark --input` run on it.
+    "synthetic_jpeg": dict(
+        name="synthetic_jpeg", image_shape=(224, 224, 3), num_classes=10, train_split="train",
+        eval_split="validation", builder_kwargs=dict(num_train=2_000, num_eval=200, seed=0),
         pp_train=_INCEPTION_224, pp_eval=_CENTER_224),
     "oxford_iiit_pet": dict(
         name="oxford_iiit_pet", image_shape=(224, 224, 3), num_classes=37, train_split="train",
@@ -48,7 +56,9 @@ PRESETS: dict[str, dict] = {
     # COCO captions 2014, Karpathy splits (tfds catalogue; prepare with `tfds build coco_captions`).
     "coco_captions": dict(
         name="coco_captions", image_shape=(224, 224, 3), train_split="train+restval", eval_split="test",
-        pp_train="decode|resize(224)|value_range(-1, 1)", pp_eval="decode|resize(224)|value_range(-1, 1)"),
+        cache="none",  # decoded COCO does not fit in host memory; images stay encoded until pp decodes them
+        pp_train="decode|resize_small(256)|random_crop(224)|value_range(-1, 1)",
+        pp_eval="decode|resize_small(256)|central_crop(224)|value_range(-1, 1)"),
     # Video (task 'video'). Offline: clips of a moving Fashion-MNIST item, label = the motion
     # (seqvis.data.builders.moving_fashion); reverse_labels[c] is the label of class c played backwards.
     "moving_fashion": dict(
@@ -64,7 +74,7 @@ PRESETS: dict[str, dict] = {
     # with stride 2, random 112 crops of 128x128 frames. Decoded clips do not fit in memory: no cache.
     "ucf101": dict(
         name="ucf101", num_frames=16, image_shape=(112, 112, 3), num_classes=101,
-        train_split="train", eval_split="test", cache=False, shuffle_buffer=256, reverse_labels=None,
+        train_split="train", eval_split="test", cache="none", shuffle_buffer=256, reverse_labels=None,
         pp_train="sample_frames(16, stride=2, random=True)|video_resize(128)|video_random_crop(112)|"
                  "video_flip_lr|video_value_range(-1, 1)",
         pp_eval="sample_frames(16, stride=2)|video_resize(128)|video_central_crop(112)|video_value_range(-1, 1)"),
@@ -76,7 +86,12 @@ def data_config(name: str, **overrides) -> ml_collections.ConfigDict:
         raise ValueError(f"Unknown dataset preset {name!r}; valid: {', '.join(PRESETS)}.")
     c = ml_collections.ConfigDict(dict(
         data_dir="", idx_dir="",  # "" = tfds default / built-in search path
-        shuffle_buffer=50_000, cache=True, prefetch=2,
+        # cache: "auto" = decoded in host memory when every feature has a fixed shape and the split
+        # fits cache_max_gb (None: a quarter of host RAM); "memory"; "none". See seqvis.data.pipeline.
+        cache="auto", cache_max_gb=ml_collections.config_dict.placeholder(float),
+        random_access=True,  # read array_record files by index (O(1) resume); False: sequential
+        shuffle_buffer=50_000,  # only for sequential reading (tfrecord files)
+        prefetch=2,
         mixup=ml_collections.ConfigDict(dict(p=0.0, alpha=0.0))))
     c.update(PRESETS[name])
     c.preset = name

@@ -11,6 +11,7 @@ LOCAL_BUILDERS: dict[str, tuple[str, str]] = {
     "mnist_idx": ("seqvis.data.builders.idx", "MnistIdx"),
     "fashion_scenes": ("seqvis.data.builders.fashion_scenes", "FashionScenes"),
     "moving_fashion": ("seqvis.data.builders.moving_fashion", "MovingFashion"),
+    "synthetic_jpeg": ("seqvis.data.builders.synthetic_jpeg", "SyntheticJpeg"),
 }
 
 
