@@ -1,6 +1,7 @@
 """Throughput benchmark: train and inference img/s, model GFLOPs per image, achieved GFLOP/s.
 
     python -m experiments.benchmark [--steps 20] [--models default,ti4_32]
+    python -m experiments.benchmark --input=default,jpeg,jpeg_1core,resume   # the input pipeline alone
 
 Prints one JSON line per (model, mode). The train step is the real seqvis step (pmap over
 all local devices, optimiser update included) on synthetic batches, so the input pipeline
@@ -89,7 +90,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--models", default="default,ti4_32")
+    ap.add_argument("--input", default="", help="measure the input pipeline alone (experiments.input_benchmark)")
+    ap.add_argument("--input_batches", type=int, default=40)
     args = ap.parse_args()
+    if args.input:
+        from experiments import input_benchmark
+
+        input_benchmark.main(["--workloads", args.input, "--input_batches", str(args.input_batches)])
+        return
     configs = _configs()
     for name in args.models.split(","):
         if name not in configs:

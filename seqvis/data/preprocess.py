@@ -4,7 +4,37 @@ Ops are separated by ``|``; each is ``name`` or ``name(args)`` with literal argu
 (parsed with ``ast``, never evaluated). Each op maps a feature dict of tf tensors to a
 feature dict, inside tf.data. Random ops draw from ``tf.random.stateless_*`` with the
 per-example seed the pipeline stores in ``ex['_seed']``, so an example's augmentation
-depends only on (run seed, epoch, position), never on threads or on resuming.
+depends only on (run seed, position in the stream), never on threads or on resuming.
+
+The ops and their big_vision equivalents (``big_vision/pp/ops_image.py``, ``ops_general.py``).
+Every random op here is stateless (seeded per example); big_vision's draw from TF's stateful
+generators, so the same pp string gives other random crops and flips there.
+
+=================================== ====================================== =============================================
+seqvis                              big_vision                             difference
+=================================== ====================================== =============================================
+decode(channels)                    decode(channels=3)                     channels default to the dataset's (1 for
+                                                                           Fashion-MNIST); an already decoded image
+                                                                           passes through
+decode_jpeg_and_inception_crop(s)   decode_jpeg_and_inception_crop(s)      same window parameters (area 5-100 %, ratio
+                                                                           0.75-1.33); non-JPEG bytes and decoded images
+                                                                           are handled (decoded whole / cropped)
+resize(s, method, antialias)        resize(s, method, antialias)           uint8 results are rounded (big_vision
+                                                                           truncates in the cast)
+resize_small(s, method="area")      resize_small(s, method="area")         same rounding note; same side rounding
+inception_crop(s, area_min, ...)    inception_crop(s, area_min, ...)       —
+random_crop(s, pad=0)               random_crop(s)                         optional zero padding first (CIFAR style)
+central_crop(s)                     central_crop(s)                        size required (no "largest square")
+flip_lr()                           flip_lr()                              —
+value_range(vmin, vmax, in_min,     value_range(vmin, vmax, in_min,        no ``clip_values``
+in_max)                             in_max)
+normalize(mean, std)                vgg_value_range(mean, std)             the caller gives mean/std in pixel units
+grayscale_to_rgb()                  (none)                                 —
+onehot(n, key, key_result, on, off) onehot(depth, key, key_result, on,     —
+                                    off)
+keep(*keys)                         keep(*keys)                            keys starting with ``_`` (seeds) are kept
+randaugment(num_layers, magnitude)  randaug(num_layers, magnitude)         own TF implementation (see randaugment.py)
+=================================== ====================================== =============================================
 """
 
 from __future__ import annotations
