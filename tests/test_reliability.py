@@ -304,7 +304,7 @@ def test_case8_all_checkpoints_unreadable_is_one_message_and_nothing_moves(idx_d
 
 
 @pytest.mark.parametrize("content,message", [
-    (b"not gzip and not idx", r"neither an IDX file nor a gzipped one"),
+    (b"not gzip and not idx", r"is not an IDX file, gzipped or not \(it starts with bytes 6e6f7420\)"),
     ("truncated-gzip", r"the gzip data is truncated or corrupt"),
     ("truncated-raw", r"header says shape \(10,\) .* truncated or corrupt"),
     (b"", r"it is empty"),

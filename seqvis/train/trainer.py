@@ -200,23 +200,19 @@ def _train_and_evaluate(config: Any, workdir: str, stop_at_step: int | None, run
             run["data_changes_allowed"] = allowed
 
     os.makedirs(workdir, exist_ok=True)
-    if ckpt is None:
-        ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)),
-                                     async_save=bool(config.get("async_checkpointing", True)), cleanup=True)
-        run["ckpt"] = ckpt
     try:
-        return _run(config, workdir, stop_at_step, run, data_lib, ckpt, config_dict, chief, seed,
-                    allow_data_change)
+        return _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed, allow_data_change)
     except BaseException:
         # A failing run still lets the checkpoint being written finish; that write's own
         # error (if any) would only hide the one being reported.
         if run.get("writer") is not None:
             run["writer"].close()
-        ckpt.close(raise_errors=False)
+        if run["ckpt"] is not None:
+            run["ckpt"].close(raise_errors=False)
         raise
 
 
-def _run(config, workdir, stop_at_step, run, data_lib, ckpt, config_dict, chief, seed, allow_data_change):
+def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed, allow_data_change):
     # ---------------------------------------------------------------- input
     global_batch = int(config.batch_size)
     if config.get("total_steps"):
@@ -238,6 +234,11 @@ def _run(config, workdir, stop_at_step, run, data_lib, ckpt, config_dict, chief,
     # ---------------------------------------------------------------- checkpoint restore
     # Steps that cannot be read are skipped (and moved aside once an older one is restored);
     # the data position saved with the state is checked against the step.
+    ckpt = run["ckpt"]
+    if ckpt is None:  # a new workdir: created only now, after config, data and model have been checked
+        ckpt = run["ckpt"] = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)),
+                                                   async_save=bool(config.get("async_checkpointing", True)),
+                                                   cleanup=True)
     meta = {"step": 0, "examples_seen": 0, "train_seconds": 0.0}
     restored = ckpt.restore_latest(host_state, config_dict, process_count=jax.process_count(),
                                    allow_data_change=allow_data_change)

@@ -44,7 +44,7 @@ def read_idx(path: str) -> np.ndarray:
                            "decompress a good copy next to it).") from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
         start = f"starts with bytes {data[:4].hex()}" if data else "is empty"
-        raise IdxError(f"{path} is neither an IDX file nor a gzipped one (it {start}); re-download it.")
+        raise IdxError(f"{path} is not an IDX file, gzipped or not (it {start}); re-download it.")
     ndim = data[3]
     if len(data) < 4 + 4 * ndim:
         raise IdxError(f"{path}: the IDX header is cut short (the file is truncated); re-download it.")
