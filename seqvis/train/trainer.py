@@ -192,8 +192,12 @@ def _train_and_evaluate(config: Any, workdir: str, stop_at_step: int | None, run
         ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)),
                                      async_save=bool(config.get("async_checkpointing", True)), cleanup=True)
         run["ckpt"] = ckpt
-        allowed = ckpt.check_resume(config_dict, process_count=jax.process_count(),
-                                    allow_data_change=allow_data_change)
+        try:
+            allowed = ckpt.check_resume(config_dict, process_count=jax.process_count(),
+                                        allow_data_change=allow_data_change)
+        except BaseException:
+            ckpt.close(raise_errors=False)
+            raise
         if allowed:
             log.warning("Resuming with a changed data stream (--config.resume=%s):\n  %s",
                         ckpt_lib.ALLOW_DATA_CHANGE, "\n  ".join(allowed))
