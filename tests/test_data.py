@@ -213,3 +213,27 @@ def test_pp_string_errors():
         preprocess.parse("resize(size)")
     with pytest.raises(ValueError, match="bad arguments for op 'resize'"):
         preprocess.parse("resize(1, 2, 3, 4)")
+
+
+def test_explicit_idx_dir_is_honoured_or_refused(idx_dir, tmp_path, monkeypatch):
+    """An explicit idx_dir is never silently replaced: not by the system files when it is empty, and not by
+    data prepared earlier from another directory."""
+    import shutil
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setitem(idx.DEBIAN_DIRS, "fashion_mnist", idx_dir)  # good files elsewhere must not be used
+    with pytest.raises(FileNotFoundError, match=r"config.data.idx_dir=.*empty.*does not hold"):
+        idx.find_idx_dir("fashion_mnist", str(empty))
+    data_dir = str(tmp_path / "tfds")
+    c = data_config("fashion_mnist", idx_dir=idx_dir, data_dir=data_dir)
+    pipeline.get_builder(c)  # prepared from idx_dir
+    pipeline.get_builder(c)  # the same source again: fine
+    other = tmp_path / "other"
+    shutil.copytree(idx_dir, other)
+    c.idx_dir = str(other)
+    with pytest.raises(idx.IdxError, match=r"(?s)config.data.idx_dir=.*other.*is not used.*prepared from .*"
+                                           r"Set another --config.data.data_dir"):
+        pipeline.get_builder(c)
+    c.data_dir = str(tmp_path / "tfds2")
+    assert pipeline.get_builder(c).info.splits["train"].num_examples == N_TRAIN  # a new data_dir takes them

@@ -67,15 +67,27 @@ def _find(directory: str, stem: str) -> str | None:
 
 
 def find_idx_dir(dataset: str, idx_dir: str | None = None) -> str:
-    """First directory holding all four IDX files, or an error saying how to get them."""
-    candidates = [d for d in (idx_dir, os.environ.get("SEQVIS_IDX_DIR"), DEBIAN_DIRS.get(dataset)) if d]
+    """The directory holding all four IDX files, or an error saying how to get them.
+
+    An explicit ``idx_dir`` is the only place looked at (never silently replaced by other
+    files); otherwise ``$SEQVIS_IDX_DIR``, then the Debian package's directory.
+    """
     stems = [s for pair in FILES.values() for s in pair]
-    for d in candidates:
-        if all(_find(d, s) for s in stems):
-            return d
     how = ("`apt-get install dataset-fashion-mnist` (Debian/Ubuntu) puts them in /usr/share/datasets/fashion-mnist"
            if dataset == "fashion_mnist" else
            f"download them from the {dataset.replace('_', '-')} website")
+    if idx_dir:
+        if all(_find(idx_dir, s) for s in stems):
+            return idx_dir
+        missing = [s for s in stems if not _find(idx_dir, s)]
+        raise FileNotFoundError(
+            f"config.data.idx_dir={idx_dir!r} does not hold the {dataset} IDX files "
+            f"{', '.join(m + '[.gz]' for m in missing)}. Put the four files there (get them: {how}), or leave "
+            "config.data.idx_dir empty to use $SEQVIS_IDX_DIR or the system files.")
+    candidates = [d for d in (os.environ.get("SEQVIS_IDX_DIR"), DEBIAN_DIRS.get(dataset)) if d]
+    for d in candidates:
+        if all(_find(d, s) for s in stems):
+            return d
     raise FileNotFoundError(
         f"{dataset}: the IDX files {', '.join(s + '[.gz]' for s in stems)} were not found in "
         f"{', '.join(candidates) or '(no directory configured)'}. Get them: {how}; or put the four files in a "
@@ -106,6 +118,26 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "image": tfds.features.Image(shape=(28, 28, 1)),
                 "label": tfds.features.ClassLabel(names=self.NAMES)}),
             supervised_keys=("image", "label"))
+
+    SOURCE_FILE = "seqvis_idx_source.txt"  # which IDX directory the prepared data was made from
+
+    def download_and_prepare(self, **kwargs):
+        """Prepare once; an explicit ``idx_dir`` must be the directory the prepared data came from."""
+        marker = os.path.join(self.data_dir, self.SOURCE_FILE)
+        fresh = not os.path.exists(os.path.join(self.data_dir, "dataset_info.json"))
+        out = super().download_and_prepare(**kwargs)
+        if fresh and not os.path.exists(marker):
+            with open(marker, "w") as f:
+                f.write(os.path.realpath(find_idx_dir(self.DATASET, self._idx_dir)))
+        elif self._idx_dir:
+            want = os.path.realpath(find_idx_dir(self.DATASET, self._idx_dir))
+            got = open(marker).read().strip() if os.path.exists(marker) else "an unknown directory"
+            if got != want:
+                raise IdxError(
+                    f"config.data.idx_dir={self._idx_dir!r} is not used: {self.data_dir} already holds "
+                    f"{self.name} prepared from {got}. Set another --config.data.data_dir for these files (or "
+                    f"delete {self.data_dir} to prepare it again from them).")
+        return out
 
     def _split_generators(self, dl_manager):
         del dl_manager
