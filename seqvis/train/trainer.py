@@ -252,7 +252,8 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
     elif config.get("init_from"):
         from seqvis.train.pretrained import load_pretrained
 
-        params = load_pretrained(config.init_from, host_state.params)
+        params = load_pretrained(config.init_from, host_state.params,
+                                 allow_partial=bool(config.get("init_from_allow_partial", False)))
         host_state = host_state.replace(params=params, opt_state=jax.device_get(tx.init(params)))
     start_step = int(meta["step"])
     data_changes = list(meta.get("data_changes", []))
