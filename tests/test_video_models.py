@@ -93,7 +93,8 @@ def test_padded_frames_are_masked(temporal):
     np.testing.assert_allclose(fwd(v, x[2:3, :1])[0], y[2], rtol=1e-4, atol=1e-5)
     # Without lengths every frame counts.
     np.testing.assert_allclose(fwd(v, x), y_full := fwd(v, x, jnp.full((B,), T)), rtol=1e-6)
-    np.testing.assert_allclose(y_full[0], y[0], rtol=1e-6)
+    # y came from a batch of 6, y_full from a batch of 3: other kernels, float32 rounding (seen: 1.02e-6).
+    np.testing.assert_allclose(y_full[0], y[0], rtol=1e-5, atol=1e-7)
 
 
 def _gelu(x):  # tanh approximation, as flax's nn.gelu

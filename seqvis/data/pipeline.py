@@ -259,19 +259,38 @@ def cache_plan(builder, split: str, cfg: Any) -> tuple[bool, str]:
 # ============================================================================ random-access sources
 
 
+_MEMORY: dict[tuple, Any] = {}  # the last split decoded in memory, reused by the next run in this process
+
+
+def _mocked() -> bool:
+    """Inside ``tfds.testing.mock_data``: generated examples that differ between calls, never reused."""
+    import tensorflow_datasets as tfds
+
+    return getattr(tfds.core.DatasetBuilder.as_dataset, "__module__", "").startswith("tensorflow_datasets.testing")
+
+
 class MemorySource:
-    """The split decoded once into numpy arrays (a nested dict like the tfds features)."""
+    """The split decoded once into numpy arrays (a nested dict like the tfds features).
+
+    The arrays of the last split are kept for the next run in the same process (sweep points,
+    tests): decoding 60k Fashion-MNIST images takes seconds, reading prepared files is immutable.
+    """
 
     kind = "memory"
 
     def __init__(self, builder, split: str, cfg: Any):
         tf = _tf()
-        parts = list(_as_dataset(builder, split, cfg).batch(4096).as_numpy_iterator())
-        if not parts:
-            raise DataError(f"split {split!r} of {builder.name} is empty.")
-        # Strings as fixed-width bytes: tf.data's generator input takes no multi-dimensional object arrays.
-        self.arrays = tf.nest.map_structure(
-            lambda *xs: np.concatenate(xs).astype(np.bytes_) if xs[0].dtype == object else np.concatenate(xs), *parts)
+        key = (builder.name, str(builder.data_dir), split)
+        if key not in _MEMORY or _mocked():
+            _MEMORY.clear()  # at most one decoded split held
+            parts = list(_as_dataset(builder, split, cfg).batch(4096).as_numpy_iterator())
+            if not parts:
+                raise DataError(f"split {split!r} of {builder.name} is empty.")
+            # Strings as fixed-width bytes: tf.data's generator input takes no multi-dimensional object arrays.
+            _MEMORY[key] = tf.nest.map_structure(
+                lambda *xs: np.concatenate(xs).astype(np.bytes_) if xs[0].dtype == object else np.concatenate(xs),
+                *parts)
+        self.arrays = _MEMORY[key]
         self.size = len(tf.nest.flatten(self.arrays)[0])
         self.reads = 0
 

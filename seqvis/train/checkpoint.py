@@ -130,9 +130,14 @@ class Checkpointer:
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
         self.chief = jax.process_index() == 0 if chief is None else chief
+        if cleanup and self.chief and os.path.isdir(self.directory):
+            # Here, synchronously, rather than orbax's cleanup_tmp_directories: that lists the directory in
+            # a background thread, which can race with anything else touching the file system at start-up.
+            for name in os.listdir(self.directory):
+                if ".orbax-checkpoint-tmp" in name:
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
         options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=True,
-                                               enable_async_checkpointing=async_save,
-                                               cleanup_tmp_directories=bool(cleanup))
+                                               enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta", "config"))
         self._pending: int | None = None  # step of a save not yet known to be complete
