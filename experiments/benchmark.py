@@ -20,9 +20,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from seqvis.evaluation.flops import forward_flops_per_example
 from seqvis.train import optim, step as step_lib
 from seqvis.train.tasks import get_task
-from seqvis.train.trainer import forward_flops_per_example
 
 
 def _configs():
@@ -48,8 +48,8 @@ def bench(name: str, config: ml_collections.ConfigDict, steps: int) -> list[dict
     per_dev = batch // n_dev
     dummy = task.dummy_batch(per_dev)
     state = jax.device_get(step_lib.create_state(task, tx, 0, dummy))
-    flops = forward_flops_per_example(task, {"params": state.params, **state.model_state},
-                                      jax.tree.map(np.asarray, dummy))
+    flops = forward_flops_per_example(task.model, {"params": state.params, **state.model_state},
+                                      task.model_inputs(jax.tree.map(np.asarray, dummy)))
     driver = step_lib.PmapDriver(step_lib.make_train_step(task, tx, sched), step_lib.make_eval_step(task))
     rng = np.random.default_rng(0)
     h, w, c = config.data.image_shape

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 
 VERBOSE = os.environ.get("SEQVIS_VERBOSE", "") not in ("", "0") or "--verbose" in sys.argv
 if not VERBOSE:  # before TensorFlow is imported anywhere
@@ -22,6 +23,7 @@ if not VERBOSE:  # before TensorFlow is imported anywhere
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -62,15 +64,11 @@ def setup_console(verbose: bool) -> None:
     if verbose:
         root.setLevel(logging.INFO)
         return
-    import warnings
-
     root.setLevel(logging.ERROR)
     for name in ("absl", "tensorflow", "jax", "jax._src", "orbax", "tensorflow_datasets", "matplotlib", "h5py"):
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("absl").addFilter(_drop_orbax)
     try:
-        from absl import logging as absl_logging
-
         absl_logging.set_verbosity(absl_logging.ERROR)
     except Exception:  # noqa: BLE001
         pass
@@ -137,7 +135,8 @@ def main(argv):
     if FLAGS.config is None or FLAGS.workdir is None:
         sys.exit("usage: python -m seqvis.main --config=configs/vit.py[:ARG] --workdir=DIR")
 
-    from seqvis.train.checkpoint import CheckpointError
+    # Deferred on purpose: jax, orbax and TensorFlow load only after the console is quieted.
+    from seqvis.errors import CheckpointError
     from seqvis.train.trainer import TrainingInterrupted, train_and_evaluate
 
     traceback = os.environ.get("SEQVIS_TRACEBACK", "") not in ("", "0")

@@ -1,4 +1,8 @@
-"""Scaling-curve figures (matplotlib, Agg backend). Imported only by reporting commands.
+"""Scaling-curve figures (matplotlib). Imported only by reporting commands.
+
+Figures are ``matplotlib.figure.Figure`` objects written straight to files: nothing here
+touches pyplot's global state or selects a backend, so importing this module changes
+nothing for a caller that plots interactively.
 
 Each function takes plain rows (dicts with ``compute``, ``error``, ``model``, ``family``,
 ``params``...), draws one figure and writes it as PNG and SVG next to ``out_stem``;
@@ -11,10 +15,9 @@ import math
 from typing import Callable, Sequence
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib import ticker
+from matplotlib.figure import Figure
 
 FAMILY_STYLE = {"vit": dict(color="tab:blue", marker="o", label="ViT"),
                 "resnet": dict(color="tab:orange", marker="s", label="ResNet")}
@@ -26,7 +29,6 @@ def _save(fig, out_stem: str) -> list[str]:
         path = f"{out_stem}.{ext}"
         fig.savefig(path, dpi=150, bbox_inches="tight")
         paths.append(path)
-    plt.close(fig)
     return paths
 
 
@@ -64,8 +66,6 @@ def _sci_minor(v: float, _pos=None) -> str:
 
 def _log_axes(ax, xlabel: str, ylabel: str, percent_y: bool = True) -> None:
     """Log-log axes with grids; an error axis is labelled in percent."""
-    from matplotlib import ticker
-
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -88,9 +88,10 @@ def plot_frontier(rows: Sequence[dict], frontier: Sequence[dict], predict: Calla
                   xlabel: str = "training compute (FLOPs) = 3 × forward FLOPs × examples seen",
                   ylabel: str = "test error (log scale)") -> list[str]:
     """Error vs compute (log-log), one colour per model size, frontier and fitted law (Zhai et al. Fig. 2)."""
-    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    fig = Figure(figsize=(8.5, 5.5))
+    ax = fig.subplots()
     models = sorted({r["model"] for r in rows}, key=lambda m: min(r["params"] or 0 for r in rows if r["model"] == m))
-    cmap = plt.get_cmap("viridis")
+    cmap = matplotlib.colormaps["viridis"]
     for i, m in enumerate(models):
         pts = sorted((r for r in rows if r["model"] == m), key=lambda r: r["compute"])
         color = cmap(i / max(len(models) - 1, 1) * 0.9)
@@ -116,7 +117,8 @@ def plot_frontier(rows: Sequence[dict], frontier: Sequence[dict], predict: Calla
 def plot_families(rows: Sequence[dict], frontiers: dict[str, Sequence[dict]], out_stem: str, *, title: str = "",
                   xlabel: str = "training compute (FLOPs)", ylabel: str = "test error (log scale)") -> list[str]:
     """ViT vs ResNet: error vs compute with each family's frontier (the ViT paper's Fig. 5)."""
-    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    fig = Figure(figsize=(7.5, 5.0))
+    ax = fig.subplots()
     for fam in sorted({r["family"] for r in rows}):
         style = dict(FAMILY_STYLE.get(fam, dict(color="gray", marker="^", label=fam)))
         pts = [r for r in rows if r["family"] == fam]
@@ -143,10 +145,11 @@ def plot_ablations(panels: Sequence[dict], out_stem: str, *, title: str = "",
     """
     panels = [p for p in panels if p.get("series")] or list(panels[:1])
     n = max(len(panels), 1)
-    fig, axes = plt.subplots(1, n, figsize=(max(4.6 * n, 6.0), 4.4), squeeze=False, sharey=True)
+    fig = Figure(figsize=(max(4.6 * n, 6.0), 4.4))
+    axes = fig.subplots(1, n, squeeze=False, sharey=True)
     for ax, panel in zip(axes[0], panels):
         series = panel.get("series") or []
-        cmap = plt.get_cmap("plasma")
+        cmap = matplotlib.colormaps["plasma"]
         for i, s in enumerate(series):
             color = cmap(i / max(len(series) - 1, 1) * 0.85)
             ax.plot(s["x"], s["y"], "-o", color=color, ms=5, label=s["label"])

@@ -24,10 +24,20 @@ Command (a trained classification workdir; writes one PNG per image and an overv
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 from typing import Any
 
+import jax
+import ml_collections
 import numpy as np
+from flax import traverse_util
+
+from seqvis.analysis.attention_maps import upsample
+from seqvis.data import pipeline as data_lib
+from seqvis.train.captioning import restore_variables
+from seqvis.train.tasks import build_classifier
 
 
 # Label names for the pictures of the offline datasets (others show class ids).
@@ -44,8 +54,6 @@ def collect_attention(intermediates: Any) -> np.ndarray:
     Works for the unrolled (``encoderblock_i``) and scanned (``encoderblock``, leading layer
     axis) encoders.
     """
-    from flax import traverse_util
-
     flat = traverse_util.flatten_dict(dict(intermediates))
     layers: list[tuple[int, np.ndarray]] = []
     for path, value in flat.items():
@@ -87,8 +95,6 @@ def vit_maps(model: Any, variables: dict, images: np.ndarray) -> dict[str, np.nd
     tokens, renormalised to sum to 1) and ``last_layer_maps [B, heads, gh, gw]`` (the same row
     of the last layer's attention per head; renormalised over the patches).
     """
-    import jax
-
     fwd = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))
     logits, state = fwd(variables, np.asarray(images))
     att = collect_attention(state.get("intermediates", {}))
@@ -112,17 +118,13 @@ def vit_maps(model: Any, variables: dict, images: np.ndarray) -> dict[str, np.nd
 def save_maps_png(path: str, image: np.ndarray, rollout_map: np.ndarray, head_maps: np.ndarray,
                   title: str = "") -> None:
     """One PNG: the image, the rollout over it, and the last layer's class-token map per head."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from seqvis.analysis.attention_maps import upsample
+    from matplotlib.figure import Figure  # optional dependency (seqvis[plots]): deferred, drawing only
 
     img = _display(image)
     panels = [("image", None), ("rollout", rollout_map)] + [
         (f"last layer, head {h}", m) for h, m in enumerate(head_maps)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.1 * len(panels), 2.4), squeeze=False)
+    fig = Figure(figsize=(2.1 * len(panels), 2.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (name, m) in zip(axes[0], panels):
         ax.axis("off")
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
@@ -134,20 +136,15 @@ def save_maps_png(path: str, image: np.ndarray, rollout_map: np.ndarray, head_ma
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def save_overview_png(path: str, images: np.ndarray, maps: np.ndarray, titles: list[str]) -> None:
     """Two rows: the images, then each image with its rollout map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from seqvis.analysis.attention_maps import upsample
+    from matplotlib.figure import Figure  # optional dependency (seqvis[plots]): deferred, drawing only
 
     n = len(images)
-    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4), squeeze=False)
+    fig = Figure(figsize=(1.6 * n, 3.4))
+    axes = fig.subplots(2, n, squeeze=False)
     for i in range(n):
         img = _display(images[i])
         for r in range(2):
@@ -159,7 +156,6 @@ def save_overview_png(path: str, images: np.ndarray, maps: np.ndarray, titles: l
     axes[1, 0].set_title("rollout", fontsize=7, loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def _stretch(m: np.ndarray) -> np.ndarray:
@@ -176,15 +172,6 @@ def _display(image: np.ndarray) -> np.ndarray:
 def render_workdir(workdir: str, out_dir: str | None = None, num_images: int = 8,
                    split: str | None = None) -> list[str]:
     """Maps for the first ``num_images`` eval images of a trained ViT classification workdir."""
-    import json
-
-    import jax
-    import ml_collections
-
-    from seqvis.data import pipeline as data_lib
-    from seqvis.train.captioning import restore_variables
-    from seqvis.train.tasks import build_classifier
-
     cfg_path = os.path.join(workdir, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path} does not exist; --workdir must be a trained seqvis workdir.")
@@ -227,8 +214,6 @@ def render_workdir(workdir: str, out_dir: str | None = None, num_images: int = 8
 
 
 def main(argv=None) -> None:
-    import argparse
-
     p = argparse.ArgumentParser(description="Attention rollout and last-layer maps of a trained ViT workdir.")
     p.add_argument("--workdir", required=True)
     p.add_argument("--images", type=int, default=8, help="number of eval images")

@@ -2,7 +2,7 @@
 
 Text is split into words exactly as the caption metrics do (lower-case, every character
 that is not a letter, digit, ``_`` or space becomes a space, split on whitespace;
-:func:`seqvis.analysis.caption_metrics.tokenize`), so a decoded caption scores the same
+:func:`split_words`, which :mod:`seqvis.evaluation.caption_metrics` uses), so a decoded caption scores the same
 as the words the model produced. Ids::
 
     0 <pad>   1 <bos>   2 <eos>   3 <unk>   4.. words, most frequent first (ties alphabetical)
@@ -20,21 +20,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from seqvis.analysis.caption_metrics import tokenize as split_words
+from seqvis.errors import VocabularyError  # noqa: F401 - re-exported: its old home
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
-# The TensorFlow twin of caption_metrics' `[^\w\s]` (RE2 needs the Unicode classes spelled out).
+_PUNCT = re.compile(r"[^\w\s]")
+# The TensorFlow twin of `_PUNCT` (RE2 needs the Unicode classes spelled out).
 _TF_PUNCT = r"[^\pL\pN_\s]"
 
 
-class VocabularyError(ValueError):
-    """A vocabulary file that cannot be used; the message says what to do."""
+def split_words(text: str) -> list[str]:
+    """Lower-case, every character that is not a letter, digit, ``_`` or space -> space, split on whitespace."""
+    return _PUNCT.sub(" ", text.lower()).split()
 
 
 class Tokenizer:
@@ -114,7 +117,7 @@ class Tokenizer:
 
         Build it once per pipeline (it creates a lookup table) and call it inside ``map``.
         """
-        import tensorflow as tf
+        import tensorflow as tf  # deferred on purpose: only tf.data pipelines need it
 
         table = self._tf_table()
         texts = tf.convert_to_tensor(texts, tf.string)
@@ -131,7 +134,7 @@ class Tokenizer:
         return tf.reshape(dense, tf.concat([shape, [max_len]], axis=0))
 
     def _tf_table(self):
-        import tensorflow as tf
+        import tensorflow as tf  # deferred on purpose: only tf.data pipelines need it
 
         if getattr(self, "_table", None) is None:
             with tf.init_scope():  # eagerly, outside the tf.data function being traced: reusable by every pipeline

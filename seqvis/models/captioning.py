@@ -52,6 +52,7 @@ import jax.numpy as jnp
 
 from seqvis.models.decoding import beam_search, greedy_decode, length_penalty, make_decoder  # noqa: F401
 from seqvis.models.recurrent import LSTMCell, Recurrent
+from seqvis.models.resnet import ResNetEncoder
 from seqvis.models.transformer import Decoder, LearnedPositionEmbedding
 
 Array = jax.Array
@@ -91,16 +92,18 @@ def region_geometry(encoder: nn.Module, image_hw: tuple[int, int], grid: tuple[i
     - ViT patches of p px: patch n covers [p·n, p·n + p): ``(p/2, p/2, p, p)``.
     - Anything else: the grid stretched over the image, ``(H/2h, W/2w, H/h, W/w)``.
     """
-    from seqvis.models.resnet import ResNetEncoder
-
-    hh, ww = image_hw
-    h, w = grid
     if isinstance(encoder, ResNetEncoder) and encoder.padding == "symmetric":
         s = float(encoder.output_stride())
         return 0.5, 0.5, s, s
     if isinstance(encoder, ViTGridEncoder) and not getattr(encoder.vit, "hybrid_stages", None):
         sh, sw = (float(v) for v in encoder.vit.stride())
         return sh / 2, sw / 2, sh, sw
+    return stretched_geometry(grid, image_hw)
+
+
+def stretched_geometry(grid: tuple[int, int], image_hw: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The ``h x w`` grid stretched over an ``H x W`` image: region r centred at (r + ½)·H/h, ``(H/2h, W/2w, H/h, W/w)``."""
+    (h, w), (hh, ww) = grid, image_hw
     return hh / (2 * h), ww / (2 * w), hh / h, ww / w
 
 

@@ -37,8 +37,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seqvis.models import vit
 from seqvis.models.attention import make_padding_mask
 from seqvis.models.recurrent import StackedRNN
+from seqvis.models.resnet import ResNetEncoder
 from seqvis.models.transformer import Encoder
 
 Array = jax.Array
@@ -128,12 +130,8 @@ class FrameEncoder(nn.Module):
         if self.backbone == "cnn":
             return FrameCNN(dtype=self.dtype, param_dtype=self.param_dtype, name="backbone", **kw)
         if self.backbone == "resnet":
-            from seqvis.models.resnet import ResNetEncoder
-
             kw.setdefault("norm", "group")
             return ResNetEncoder(dtype=self.dtype, param_dtype=self.param_dtype, name="backbone", **kw)
-        from seqvis.models import vit
-
         variant = kw.pop("variant", None)
         if variant is not None:  # a named variant such as 'Ti/4'; other kwargs override its fields
             kw = {**vit.parse_name(variant), **kw}

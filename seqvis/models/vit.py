@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqvis.models.resnet import ResNetEncoder  # the trunk of the hybrids
 from seqvis.models.transformer import Encoder
 
 Array = jax.Array
@@ -189,8 +190,6 @@ class ViT(nn.Module):
         x = images.astype(self.dtype) if self.dtype is not None else images
 
         if self.hybrid_stages:
-            from seqvis.models.resnet import ResNetEncoder  # only hybrids need the trunk
-
             x = ResNetEncoder(stage_sizes=tuple(self.hybrid_stages), norm="group", stem="imagenet", padding="same",
                               width=self.hybrid_width, dtype=self.dtype,
                               param_dtype=self.param_dtype, name="ResNet")(x, train=train)

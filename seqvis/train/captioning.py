@@ -21,8 +21,8 @@ loss and metrics average over its references. Metrics: ``nll`` (mean CE per word
 
 Final evaluation. The eval split is decoded greedily and with beam search (jit, batched);
 BLEU-1..4 and CIDEr-D against all references
-(:mod:`seqvis.analysis.caption_metrics`); grounding for attention models on datasets with
-item boxes (:mod:`seqvis.analysis.attention_maps`). Writes ``captions_test.json`` (beam,
+(:mod:`seqvis.evaluation.caption_metrics`); grounding for attention models on datasets with
+item boxes (:mod:`seqvis.evaluation.grounding`). Writes ``captions_test.json`` (beam,
 COCO results format), ``captions_test_greedy.json`` and ``captions_refs.json`` (COCO
 annotation format); ``results.json`` gets ``greedy_*`` and ``beam_*`` scores and the beam
 scores again without prefix.
@@ -30,6 +30,7 @@ scores again without prefix.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -39,14 +40,22 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from seqvis.data.tokenizer import Tokenizer, VocabularyError
+from seqvis.data import pipeline as data_pipeline
+from seqvis.data.tokenizer import Tokenizer
+from seqvis.errors import ConfigError, VocabularyError
+from seqvis.evaluation import grounding
+from seqvis.evaluation.caption_metrics import bleu, cider_d
 from seqvis.models import captioning as cap
-from seqvis.models import decoding
+from seqvis.models import decoding, vit
+from seqvis.models.resnet import ResNetEncoder
+from seqvis.train.step import AXIS
 from seqvis.train.tasks import Task, register_task
-from seqvis.train.trainer import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +120,6 @@ def build_encoder(enc_cfg: dict) -> nn.Module:
     cfg = dict(enc_cfg)
     name = cfg.pop("name")
     if name == "resnet":
-        from seqvis.models.resnet import ResNetEncoder
-        from seqvis.train.step import AXIS
-
         if "stage_sizes" in cfg and cfg["stage_sizes"] is not None:
             cfg["stage_sizes"] = tuple(cfg["stage_sizes"])
         # Batch statistics over the global batch (synced across devices), as in classification.
@@ -122,8 +128,6 @@ def build_encoder(enc_cfg: dict) -> nn.Module:
             return ResNetEncoder(**cfg)
         except TypeError as e:
             raise ConfigError(f"config.model.encoder: {e}") from e
-    from seqvis.models import vit
-
     variant = cfg.pop("variant", None)
     if not variant:
         raise ConfigError("config.model.encoder.variant is missing; set a ViT name such as 'mu/12'.")
@@ -149,7 +153,7 @@ def caption_texts(ex):
 
 
 def image_id(ex):
-    import tensorflow as tf
+    import tensorflow as tf  # deferred on purpose: tf.data side only, keeps TF off the import path
 
     for key in ("image_id", "image/id"):
         if key in ex:
@@ -176,8 +180,6 @@ def token_words(ids, tok: Tokenizer, keep_eos: bool = False) -> list[str]:
 
 def restore_variables(workdir: str) -> dict:
     """``{'params', **model_state}`` of the newest checkpoint in a workdir (host arrays)."""
-    import orbax.checkpoint as ocp
-
     root = os.path.join(os.path.abspath(workdir), "checkpoints")
     steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
     if not steps:
@@ -247,7 +249,7 @@ class CaptioningTask(Task):
 
     def train_captions(self, data_lib: Any) -> list[str]:
         """Every reference caption of the training split (all processes read all of it: same vocabulary)."""
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # deferred on purpose: heavy, only when the vocabulary is built
 
         cfg = self.config.data
         builder = data_lib.get_builder(cfg)
@@ -278,9 +280,9 @@ class CaptioningTask(Task):
             raise RuntimeError("CaptioningTask.setup must run before pp_ops (the vocabulary).")
 
         def op(ex):
-            import tensorflow as tf
+            import tensorflow as tf  # deferred on purpose: runs inside tf.data only
 
-            from seqvis.data.preprocess import _seed
+            from seqvis.data.preprocess import _seed  # TODO(issue 16): a public example_seed in preprocess
 
             texts = caption_texts(ex)
             n = tf.shape(texts)[0]
@@ -404,9 +406,6 @@ class CaptioningTask(Task):
         return {k: v[keep][:limit] for k, v in batch.items()}
 
     def final_evaluation(self, variables: dict, config: Any, workdir: str, data_lib: Any) -> dict[str, Any]:
-        from seqvis.analysis import attention_maps as am
-        from seqvis.analysis.caption_metrics import bleu, cider_d
-
         t0 = time.time()
         tok, model, dec = self.tokenizer, self.model, config.decode
         steps = self.max_len - 1
@@ -420,11 +419,11 @@ class CaptioningTask(Task):
         geometry = cap.region_geometry(model.encoder, (h, w), grid)
         grounding_ok = config.data.get("name") == "fashion_scenes"
         if grounding_ok:
-            from seqvis.data.builders import fashion_scenes as fs
+            from seqvis.data.builders import fashion_scenes as fs  # deferred on purpose: imports tfds
 
             nouns, colours = fs.noun_classes(), fs.colour_ids()
         ids_all, masks, out_tokens = [], [], {m: [] for m in decoders}
-        counts = {m: dict.fromkeys(am.COUNT_KEYS, 0) for m in decoders}
+        counts = {m: dict.fromkeys(grounding.COUNT_KEYS, 0) for m in decoders}
         has_attention = False
         for batch in self.host_examples(data_lib):
             keep = batch["mask"] > 0
@@ -437,9 +436,9 @@ class CaptioningTask(Task):
                 if att.shape[-1] and grounding_ok and "boxes" in batch:
                     has_attention = True
                     words = [token_words(t, tok) for t in res["tokens"][keep]]
-                    c = am.grounding_counts(words, att, batch["labels"][keep], batch["colours"][keep],
-                                            batch["boxes"][keep], grid=grid, image_hw=(h, w), noun_classes=nouns,
-                                            colour_ids=colours, geometry=geometry)
+                    c = grounding.grounding_counts(words, att, batch["labels"][keep], batch["colours"][keep],
+                                                   batch["boxes"][keep], grid=grid, image_hw=(h, w),
+                                                   noun_classes=nouns, colour_ids=colours, geometry=geometry)
                     for k in c:
                         counts[m][k] += c[k]
         if not ids_all:
@@ -464,7 +463,7 @@ class CaptioningTask(Task):
             scores["cider"] = float(cider)
             scores["mean_length"] = float(np.mean([len(c[0].split()) for c in cands.values()]))
             if has_attention:
-                scores.update(am.grounding_scores(counts[m]))
+                scores.update(grounding.grounding_scores(counts[m]))
             for k, v in scores.items():
                 results[f"{m}_{k}"] = v
             caps_by_method[m] = cands
@@ -511,14 +510,10 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def _gather_processes(ids, keep, tokens, counts):
-    from jax.experimental import multihost_utils
-
     g = multihost_utils.process_allgather(
         {"ids": ids, "keep": keep, **{f"tok_{m}": t for m, t in tokens.items()}}, tiled=True)
-    from seqvis.analysis.attention_maps import COUNT_KEYS
-
-    c = multihost_utils.process_allgather({m: np.asarray([v[k] for k in COUNT_KEYS]) for m, v in counts.items()})
-    counts = {m: dict(zip(COUNT_KEYS, np.asarray(c[m]).sum(0).tolist())) for m in counts}
+    c = multihost_utils.process_allgather({m: np.asarray([v[k] for k in grounding.COUNT_KEYS]) for m, v in counts.items()})
+    counts = {m: dict(zip(grounding.COUNT_KEYS, np.asarray(c[m]).sum(0).tolist())) for m in counts}
     return (np.asarray(g["ids"]), np.asarray(g["keep"]).astype(bool), {m: np.asarray(g[f"tok_{m}"]) for m in tokens},
             counts)
 
@@ -528,8 +523,6 @@ def _gather_processes(ids, keep, tokens, counts):
 
 def workdir_task(workdir: str, data_lib: Any) -> "CaptioningTask":
     """The task of a trained captioning workdir, from its ``config.json``, with its vocabulary loaded."""
-    import ml_collections
-
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
     if config.get("task") != "captioning":
@@ -543,10 +536,8 @@ def evaluate_workdir(workdir: str) -> dict[str, Any]:
     """Run the final evaluation again from the newest checkpoint of a captioning workdir.
 
     The new values are merged into ``workdir/results.json`` (training fields are kept)."""
-    from seqvis.data import pipeline as data_lib
-
-    task = workdir_task(workdir, data_lib)
-    results = task.final_evaluation(restore_variables(workdir), task.config, workdir, data_lib)
+    task = workdir_task(workdir, data_pipeline)
+    results = task.final_evaluation(restore_variables(workdir), task.config, workdir, data_pipeline)
     path = os.path.join(workdir, "results.json")
     old = {}
     if os.path.exists(path):
@@ -558,8 +549,6 @@ def evaluate_workdir(workdir: str) -> dict[str, Any]:
 
 
 def main(argv=None) -> None:
-    import argparse
-
     p = argparse.ArgumentParser(description="Re-run the captioning final evaluation of a trained workdir.")
     p.add_argument("--workdir", required=True)
     a = p.parse_args(argv)

@@ -31,6 +31,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from seqvis.errors import CheckpointError  # noqa: F401 - re-exported: its old home
+
 log = logging.getLogger(__name__)
 
 UNREADABLE_DIR = "checkpoints.unreadable"
@@ -43,10 +45,6 @@ _STRUCTURAL = ("task", "model", "data.num_classes", "data.image_shape", "optimiz
 DATA_STREAM = ("batch_size", "seed", "data.name", "data.train_split", "data.pp_train", "data.shuffle_buffer",
                "data.mixup", "data.builder_kwargs", "data.num_frames", "data.random_access")
 ALLOW_DATA_CHANGE = "allow_data_change"
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def _get(cfg: dict, dotted: str):

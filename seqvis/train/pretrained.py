@@ -38,8 +38,14 @@ import os
 import zipfile
 from typing import Any
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import traverse_util
+
+from seqvis.models import transformer as tr
+from seqvis.models import vit
+from seqvis.train import timm_io
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +100,6 @@ def _read_npz(path: str) -> dict:
 
 
 def _read_seqvis(path: str) -> dict:
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "checkpoints")):
         path = os.path.join(path, "checkpoints")
@@ -126,8 +130,6 @@ def read_params(path: str, template: Any | None = None) -> tuple[dict, list[str]
     if not os.path.exists(path):
         raise FileNotFoundError(f"config.init_from={path!r} does not exist.")
     if path.endswith((".safetensors", ".pth", ".bin", ".pt")):
-        from seqvis.train import timm_io
-
         sd = timm_io.read_safetensors(path) if path.endswith(".safetensors") else timm_io.read_torch(path)
         if not timm_io.is_timm_vit(sd):
             raise ValueError(f"config.init_from={path!r} is not a timm ViT state dict (no 'patch_embed.proj.weight'"
@@ -192,8 +194,6 @@ def to_official_layout(params: Any) -> dict[str, np.ndarray]:
     ``np.savez(path, **to_official_layout(params))`` writes a file the official code loads.
     Leaves are returned as given (arrays, or shapes from ``jax.eval_shape``).
     """
-    import jax
-
     params = dict(params)
     enc = dict(params.get("Transformer", {}))
     if "encoderblock" in enc:  # scanned: split the leading layer axis
@@ -210,8 +210,6 @@ def to_official_layout(params: Any) -> dict[str, np.ndarray]:
 
 def _restack(loaded: dict, template: dict) -> dict:
     """Convert encoder layer layout (scanned <-> unrolled) to match the template."""
-    from seqvis.models import transformer as tr
-
     out = dict(loaded)
     for key, sub in template.items():
         if not isinstance(sub, dict) or key not in loaded or not isinstance(loaded[key], dict):
@@ -232,8 +230,6 @@ def _restack(loaded: dict, template: dict) -> dict:
 
 def _posemb(src: np.ndarray, value: Any, has_cls: bool) -> np.ndarray:
     """Checkpoint posemb -> the model's ``[1, P + gh*gw, D]`` (class-token entry, grid size)."""
-    from seqvis.models import vit
-
     src = np.asarray(src)
     n_src = src.shape[1]
     src_prefix = 0 if math.isqrt(n_src) ** 2 == n_src else 1

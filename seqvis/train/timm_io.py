@@ -46,6 +46,8 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
+from seqvis.models import transformer as tr
+
 _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
            "I8": "i1", "U8": "u1", "BOOL": "?"}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
@@ -115,7 +117,7 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Ma
 def read_torch(path: str) -> dict[str, np.ndarray]:
     """A PyTorch ``.pth``/``.bin`` state dict as numpy arrays (needs torch)."""
     try:
-        import torch
+        import torch  # optional dependency, deferred on purpose: only .pth/.bin files need it
     except ImportError:
         raise ValueError(
             f"{path} is a PyTorch pickle, and reading it needs torch, which is not installed. Install "
@@ -208,8 +210,6 @@ def seqvis_to_timm(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     class-token model) or, for ``pool='gap'``, ``global_pool='avg', class_token=False,
     fc_norm=False``; timm's MLP then uses the exact GELU (see the module docstring).
     """
-    from seqvis.models import transformer as tr
-
     params = jax_to_numpy(params)
     if "ResNet" in params:
         raise ValueError("timm export covers plain ViTs; a hybrid's ResNet trunk (timm's ResNetV2 backbone "

@@ -17,19 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqvis.analysis.flops import forward_flops_per_example  # noqa: F401 - also re-exported here
+from seqvis.errors import ConfigError  # noqa: F401 - re-exported: its old home
+from seqvis.evaluation.flops import forward_flops_per_example
 from seqvis.models.common import num_params
 from seqvis.train import checkpoint as ckpt_lib
 from seqvis.train import optim
 from seqvis.train import step as step_lib
 from seqvis.train.metrics import MetricWriter, Progress
+from seqvis.train.pretrained import load_pretrained
 from seqvis.train.tasks import get_task
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field and the fix."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -250,8 +248,6 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
         host_state, meta = restored
         log.info("Resuming from step %d (%s)", meta["step"], ckpt.directory)
     elif config.get("init_from"):
-        from seqvis.train.pretrained import load_pretrained
-
         params = load_pretrained(config.init_from, host_state.params,
                                  allow_partial=bool(config.get("init_from_allow_partial", False)))
         host_state = host_state.replace(params=params, opt_state=jax.device_get(tx.init(params)))
@@ -281,7 +277,8 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
     flops = None
     if config.get("count_flops", True):
         flops = forward_flops_per_example(
-            task, {"params": host_state.params, **host_state.model_state}, jax.tree.map(np.asarray, dummy))
+            task.model, {"params": host_state.params, **host_state.model_state},
+            task.model_inputs(jax.tree.map(np.asarray, dummy)))
 
     # metrics.jsonl keeps the rows up to the restored step: each step is logged once.
     writer = MetricWriter(workdir, enabled=chief, tensorboard=bool(config.get("tensorboard", True)),

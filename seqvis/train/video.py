@@ -30,17 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqvis.data import video_ops  # noqa: F401  (registers the video pp ops)
+from seqvis.errors import ConfigError
 from seqvis.models.video import VideoClassifier
 from seqvis.train.tasks import Task, register_task, softmax_cross_entropy
 
 _MODEL_FIELDS = ("temporal", "backbone", "backbone_kwargs", "pool", "embed_dim", "width", "num_layers", "num_heads",
                  "mlp_dim", "max_frames", "kernel_size", "bidirectional", "dropout_rate")
-
-
-def _config_error(msg: str) -> ValueError:
-    from seqvis.train.trainer import ConfigError  # the trainer's error type (lazy: no import cycle)
-
-    return ConfigError(msg)
 
 
 def _plain(value: Any) -> Any:
@@ -62,21 +57,21 @@ class VideoTask(Task):
         data = config.data
         for field in ("num_classes", "num_frames", "image_shape"):
             if data.get(field) is None:
-                raise _config_error(f"config.data.{field} is missing; the video task needs the number of classes, "
+                raise ConfigError(f"config.data.{field} is missing; the video task needs the number of classes, "
                                     "frames per clip and frame shape (H, W, C) after preprocessing "
                                     "(see seqvis.data.presets 'moving_fashion').")
         self.num_classes = int(data.num_classes)
         self.num_frames = int(data.num_frames)
         self.image_shape = tuple(int(s) for s in data.image_shape)
         if len(self.image_shape) != 3:
-            raise _config_error(f"config.data.image_shape={self.image_shape} must be (H, W, C) of one frame.")
+            raise ConfigError(f"config.data.image_shape={self.image_shape} must be (H, W, C) of one frame.")
         partner = data.get("reverse_labels", None)
         self.reverse_labels = [int(p) for p in partner] if partner else None
         super().__init__(config)
 
     def _check_reverse_labels(self) -> None:
         if self.reverse_labels is not None and sorted(self.reverse_labels) != list(range(self.num_classes)):
-            raise _config_error(f"config.data.reverse_labels={tuple(self.reverse_labels)} must be a permutation of "
+            raise ConfigError(f"config.data.reverse_labels={tuple(self.reverse_labels)} must be a permutation of "
                                 f"the {self.num_classes} class ids (entry c: the label of class c played "
                                 "backwards), or None to skip the time-reversed evaluation.")
 
@@ -85,21 +80,21 @@ class VideoTask(Task):
         cfg = _plain(self.config.model)
         name = cfg.pop("name", "video")
         if name != "video":
-            raise _config_error(f"config.model.name={name!r}: the video task builds 'video' models "
+            raise ConfigError(f"config.model.name={name!r}: the video task builds 'video' models "
                                 "(VideoClassifier); set config.model.name='video'.")
         unknown = sorted(set(cfg) - set(_MODEL_FIELDS))
         if unknown:
-            raise _config_error(f"config.model has unknown field(s) {unknown} for the video model; "
+            raise ConfigError(f"config.model has unknown field(s) {unknown} for the video model; "
                                 f"valid fields: {list(_MODEL_FIELDS)}.")
         cfg.setdefault("max_frames", self.num_frames)
         if cfg.get("temporal") == "transformer" and int(cfg["max_frames"]) < self.num_frames:
-            raise _config_error(f"config.model.max_frames={cfg['max_frames']} is smaller than "
+            raise ConfigError(f"config.model.max_frames={cfg['max_frames']} is smaller than "
                                 f"config.data.num_frames={self.num_frames}; set max_frames >= num_frames.")
         model = VideoClassifier(num_classes=self.num_classes, **cfg)
         try:
             model.check_config()
         except ValueError as e:
-            raise _config_error(str(e)) from e
+            raise ConfigError(str(e)) from e
         return model
 
     def dummy_batch(self, batch_size: int) -> dict[str, jax.Array]:
@@ -135,11 +130,11 @@ class VideoTask(Task):
         builder = data_lib.get_builder(cfg)
         label = builder.info.features["label"] if "label" in builder.info.features else None
         if label is not None and getattr(label, "num_classes", None) not in (None, self.num_classes):
-            raise _config_error(f"config.data.num_classes={self.num_classes} but {builder.name} has "
+            raise ConfigError(f"config.data.num_classes={self.num_classes} but {builder.name} has "
                                 f"{label.num_classes} classes; set config.data.num_classes={label.num_classes}.")
         self._check_reverse_labels()  # after the class count, which it depends on
         if "video" not in builder.info.features:
-            raise _config_error(f"config.data.name={cfg.name!r} has no 'video' feature; the video task needs clips.")
+            raise ConfigError(f"config.data.name={cfg.name!r} has no 'video' feature; the video task needs clips.")
         ops = preprocess.parse(cfg.get("pp_eval", ""), field="config.data.pp_eval")
         split = cfg.get("eval_split", "test")
         ds = data_lib._as_dataset(builder, split, cfg).take(1)
@@ -150,7 +145,7 @@ class VideoTask(Task):
             got = tuple(int(s) for s in ex["video"].shape)
             want = (self.num_frames, *self.image_shape)
             if got != want:
-                raise _config_error(
+                raise ConfigError(
                     f"config.data.pp_eval gives clips of shape {got} (frames, H, W, C) but the config says "
                     f"num_frames={self.num_frames}, image_shape={self.image_shape}; make them agree (e.g. "
                     f"sample_frames({self.num_frames}) and a resize/crop to {self.image_shape[:2]}).")

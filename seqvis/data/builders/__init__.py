@@ -6,6 +6,8 @@ it (once per data_dir). Builders whose output depends on generation parameters m
 those parameters in their BuilderConfig name, so another setting never reuses stale data.
 """
 
+import importlib
+
 LOCAL_BUILDERS: dict[str, tuple[str, str]] = {
     "fashion_mnist_idx": ("seqvis.data.builders.idx", "FashionMnistIdx"),
     "mnist_idx": ("seqvis.data.builders.idx", "MnistIdx"),
@@ -16,7 +18,6 @@ LOCAL_BUILDERS: dict[str, tuple[str, str]] = {
 
 
 def local_builder_class(name: str):
-    import importlib
-
+    """The builder class of ``name``; its module (which imports tfds) is loaded only now."""
     module, cls = LOCAL_BUILDERS[name]
     return getattr(importlib.import_module(module), cls)

@@ -48,6 +48,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from seqvis.data.builders.idx import FASHION_NAMES, load_split
+from seqvis.errors import MovingClipsError  # noqa: F401 - re-exported: its old home
 
 MOTIONS = ("left", "right", "up", "down", "growing", "shrinking", "clockwise", "anticlockwise")
 REVERSED_LABEL = (1, 0, 3, 2, 5, 4, 7, 6)  # label of the time-reversed clip
@@ -55,10 +56,6 @@ FLIP_LR_LABEL = (1, 0, 2, 3, 4, 5, 7, 6)  # label of the left-right mirrored cli
 SOURCES = {"fashion_mnist": FASHION_NAMES, "mnist": [str(i) for i in range(10)]}
 _SPLIT_IDS = {"train": 0, "test": 1}
 ITEM = 28  # Fashion-MNIST / MNIST items are 28x28
-
-
-class MovingClipsError(ValueError):
-    """A generation parameter that cannot work; the message names the field and the fix."""
 
 
 # ---------------------------------------------------------------------------- geometry

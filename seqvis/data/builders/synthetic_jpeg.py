@@ -52,7 +52,7 @@ def make_config(**kw) -> SyntheticJpegConfig:
 
 def make_image(rng: np.random.Generator, min_size: int, max_size: int, gray: bool) -> np.ndarray:
     """A ``[h, w, 1 or 3]`` uint8 picture: a bilinearly upsampled coarse colour field, stripes and noise."""
-    import tensorflow as tf
+    import tensorflow as tf  # deferred on purpose: only when images are generated
 
     h, w = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
     c = 1 if gray else 3
@@ -99,7 +99,7 @@ class SyntheticJpeg(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {"train": self._generate_examples(c.num_train, 0), "validation": self._generate_examples(c.num_eval, 1)}
 
     def _generate_examples(self, n: int, salt: int):
-        import tensorflow as tf
+        import tensorflow as tf  # deferred on purpose: only when images are generated
 
         c = self.builder_config
         rng = np.random.default_rng([c.seed, salt])
