@@ -1,10 +1,12 @@
-"""BLEU and CIDEr-D on hand-worked examples."""
+"""BLEU and CIDEr-D on hand-worked examples and against the reference COCO evaluator's numbers."""
 
+import json
 import math
+import os
 
 import pytest
 
-from seqvis.analysis.caption_metrics import bleu, cider_d, tokenize
+from seqvis.evaluation.caption_metrics import bleu, cider_d, tokenize
 
 
 def test_tokenize():
@@ -52,14 +54,19 @@ def test_cider_d_worked_example():
     assert score == pytest.approx(5.0, rel=1e-6)
 
 
-def test_cider_d_length_penalty():
-    cands = {"A": ["a red bag on the left"], "B": ["x"]}
-    refs = {"A": ["a red bag"], "B": ["y"]}
-    _, per = cider_d(cands, refs)
-    # Unigram cosine is sqrt(2)/sqrt(5)... times exp(-(5-2)^2/72); just check the penalty lowers it
-    # relative to the same n-gram overlap at equal length.
-    _, per_eq = cider_d({"A": ["a red bag"], "B": ["x"]}, refs)
-    assert 0 < per["A"] < per_eq["A"]
+def test_against_the_reference_coco_evaluator():
+    # Numbers computed once by pycocoevalcap (the COCO caption evaluation's Bleu(4) and Cider
+    # scorers) on hand-made captions: see tests/data/make_caption_metrics_fixture.py. The set
+    # exercises clipping, brevity, the closest reference length, IDF and the length penalty.
+    with open(os.path.join(os.path.dirname(__file__), "data", "caption_metrics_coco.json")) as f:
+        ref = json.load(f)
+    cands = {k: [v] for k, v in ref["candidates"].items()}
+    b = bleu(cands, ref["references"])
+    # pycocoevalcap adds 1e-15 / 1e-9 to the n-gram precisions' numerator / denominator.
+    assert b == pytest.approx(ref["bleu"], rel=1e-8)
+    score, per = cider_d(cands, ref["references"])
+    assert score == pytest.approx(ref["cider_d"], rel=1e-9)
+    assert per == pytest.approx(ref["cider_d_per_image"], rel=1e-9)
 
 
 def test_errors():
