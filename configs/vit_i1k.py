@@ -16,7 +16,8 @@ def get_config(arg: str | None = None):
     c = base_config()
     c.data = data_config("imagenet2012")
     variant = arg or "B/16"
-    width = {"Ti": 192, "S": 384, "B": 768, "L": 1024, "H": 1280}.get(variant.split("/")[0].split("+")[-1], 768)
+    widths = {"Ti": 192, "S": 384, "B": 768, "L": 1024, "H": 1280, "g": 1408, "G": 1664}
+    width = widths.get(variant.split("/")[0].split("+")[-1], 768)
     c.model = dict(name="vit", variant=variant, pool="token", posemb="learned", representation_size=width,
                    dropout_rate=0.1, head_zero_init=True)
     c.batch_size = 4096

@@ -46,6 +46,8 @@ regions (``kv_cache=False``: the reference path, O(T²) per caption, same parame
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -132,6 +134,8 @@ class ShowAndTell(nn.Module):
       pooling: 'mean' (global average pooling, as the paper's CNN) or 'flatten' (a linear map
         of the whole feature map, so the image vector knows where things are).
       dropout_rate: dropout on the word embeddings and on the LSTM outputs.
+      dtype: compute dtype of the matmuls (None: float32); parameters, the LSTM state and the
+        logits stay float32 (seqvis.train.precision).
     """
 
     encoder: nn.Module
@@ -140,14 +144,15 @@ class ShowAndTell(nn.Module):
     hidden_dim: int = 512
     pooling: str = "mean"
     dropout_rate: float = 0.0
+    dtype: Any = None
 
     def setup(self):
         if self.pooling not in ("mean", "flatten"):
             raise ValueError(f"ShowAndTell.pooling={self.pooling!r}: use 'mean' or 'flatten'.")
-        self.image_proj = nn.Dense(self.embed_dim)
-        self.embed = nn.Embed(self.vocab_size, self.embed_dim)
-        self.lstm = Recurrent(LSTMCell(self.hidden_dim))
-        self.out = nn.Dense(self.vocab_size)
+        self.image_proj = nn.Dense(self.embed_dim, dtype=self.dtype)
+        self.embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype)
+        self.lstm = Recurrent(LSTMCell(self.hidden_dim, dtype=self.dtype))
+        self.out = nn.Dense(self.vocab_size, dtype=self.dtype)
         self.drop = nn.Dropout(self.dropout_rate)
 
     def encode(self, images: Array, train: bool = False) -> dict:
@@ -194,24 +199,28 @@ class AttendStep(nn.Module):
     attention_dim: int
     gate: bool = True
     dropout_rate: float = 0.0
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, carry, emb: Array, memory: dict, train: bool = False):
         c, h = carry
-        query = nn.Dense(self.attention_dim, use_bias=False, name="query")(h)          # U_a h
-        scores = nn.Dense(1, name="score")(jnp.tanh(memory["keys"] + query[:, None]))  # w_a·tanh(.)
+        dt = self.dtype
+        query = nn.Dense(self.attention_dim, use_bias=False, dtype=dt, name="query")(h)          # U_a h
+        scores = nn.Dense(1, dtype=dt, name="score")(jnp.tanh(memory["keys"] + query[:, None]))  # w_a·tanh(.)
         alpha = jax.nn.softmax(scores[..., 0].astype(jnp.float32), axis=-1)          # [B, L]
         self.sow("intermediates", "attention", alpha)
         z = jnp.einsum("bl,bld->bd", alpha.astype(memory["regions"].dtype), memory["regions"])
         if self.gate:
-            beta = jax.nn.sigmoid(nn.Dense(1, name="gate")(h))                        # [B, 1]
+            beta = jax.nn.sigmoid(nn.Dense(1, dtype=dt, name="gate")(h))              # [B, 1]
             z = beta * z
         else:
             beta = jnp.ones((h.shape[0], 1), h.dtype)
-        (c, h), _ = LSTMCell(self.hidden_dim, name="lstm")((c, h), jnp.concatenate([emb, z], axis=-1))
+        x = jnp.concatenate([emb, z.astype(emb.dtype)], axis=-1)
+        (c, h), _ = LSTMCell(self.hidden_dim, dtype=dt, name="lstm")((c, h), x)
         hd = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
-        deep = emb + nn.Dense(self.embed_dim, name="out_h")(hd) + nn.Dense(self.embed_dim, name="out_z")(z)
-        logits = nn.Dense(self.vocab_size, name="logits")(deep)
+        deep = emb + nn.Dense(self.embed_dim, dtype=dt, name="out_h")(hd) + \
+            nn.Dense(self.embed_dim, dtype=dt, name="out_z")(z)
+        logits = nn.Dense(self.vocab_size, dtype=dt, name="logits")(deep)
         return (c, h), (logits.astype(jnp.float32), alpha, beta[:, 0])
 
 
@@ -227,6 +236,8 @@ class ShowAttendTell(nn.Module):
       attention_dim: A, width of the additive attention's hidden layer.
       gate: use the gating scalar β.
       dropout_rate: dropout on word embeddings and on h before the deep output layer.
+      dtype: compute dtype of the matmuls (None: float32); parameters, the LSTM state, the
+        attention softmax and the logits stay float32 (seqvis.train.precision).
     """
 
     encoder: nn.Module
@@ -236,14 +247,15 @@ class ShowAttendTell(nn.Module):
     attention_dim: int = 256
     gate: bool = True
     dropout_rate: float = 0.0
+    dtype: Any = None
 
     def setup(self):
-        self.embed = nn.Embed(self.vocab_size, self.embed_dim)
-        self.keys = nn.Dense(self.attention_dim)
-        self.init_h = nn.Dense(self.hidden_dim)
-        self.init_c = nn.Dense(self.hidden_dim)
+        self.embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype)
+        self.keys = nn.Dense(self.attention_dim, dtype=self.dtype)
+        self.init_h = nn.Dense(self.hidden_dim, dtype=self.dtype)
+        self.init_c = nn.Dense(self.hidden_dim, dtype=self.dtype)
         self.core = AttendStep(self.vocab_size, self.embed_dim, self.hidden_dim, self.attention_dim,
-                               self.gate, self.dropout_rate)
+                               self.gate, self.dropout_rate, self.dtype)
         self.drop = nn.Dropout(self.dropout_rate)
 
     def encode(self, images: Array, train: bool = False) -> dict:
@@ -252,7 +264,9 @@ class ShowAttendTell(nn.Module):
 
     def init_state(self, memory: dict) -> dict:
         mean = memory["regions"].mean(axis=1)
-        return {"carry": (jnp.tanh(self.init_c(mean)), jnp.tanh(self.init_h(mean)))}
+        # the LSTM state is float32 whatever the compute dtype (a no-op in float32)
+        return {"carry": (jnp.tanh(self.init_c(mean)).astype(jnp.float32),
+                          jnp.tanh(self.init_h(mean)).astype(jnp.float32))}
 
     def decode_teacher(self, memory: dict, inputs: Array, train: bool = False):
         emb = self.drop(self.embed(inputs), deterministic=not train)
@@ -298,6 +312,8 @@ class TransformerCaptioner(nn.Module):
       dropout_rate, attention_dropout_rate: regularisation.
       kv_cache: decode with a key/value cache (``step`` runs one token); False re-runs the whole
         causal prefix at every step (the reference). Training and parameters do not depend on it.
+      dtype: compute dtype of the matmuls (None: float32); parameters, LayerNorm statistics,
+        the attention softmax and the logits stay float32 (seqvis.train.precision).
     """
 
     encoder: nn.Module
@@ -310,18 +326,19 @@ class TransformerCaptioner(nn.Module):
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     kv_cache: bool = True
+    dtype: Any = None
 
     def setup(self):
-        self.memory_proj = nn.Dense(self.width)
+        self.memory_proj = nn.Dense(self.width, dtype=self.dtype)
         self.memory_pos = LearnedPositionEmbedding()
-        self.memory_norm = nn.LayerNorm()
-        self.embed = nn.Embed(self.vocab_size, self.width)
+        self.memory_norm = nn.LayerNorm(dtype=self.dtype)
+        self.embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype)
         self.token_pos = self.param("token_pos", nn.initializers.normal(stddev=0.02),
                                     (1, self.max_positions, self.width))
         self.decoder = Decoder(num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                                dropout_rate=self.dropout_rate,
-                               attention_dropout_rate=self.attention_dropout_rate)
-        self.out = nn.Dense(self.vocab_size)
+                               attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype)
+        self.out = nn.Dense(self.vocab_size, dtype=self.dtype)
         self.drop = nn.Dropout(self.dropout_rate)
 
     def encode(self, images: Array, train: bool = False) -> dict:
@@ -345,7 +362,8 @@ class TransformerCaptioner(nn.Module):
         if t > self.max_positions:
             raise ValueError(f"TransformerCaptioner: {t} word positions but max_positions={self.max_positions}; "
                              "raise config.captions.max_len or shorten the inputs.")
-        y = self.embed(inputs) + self.token_pos[:, :t]
+        y = self.embed(inputs)
+        y = y + self.token_pos[:, :t].astype(y.dtype)
         y = self.drop(y, deterministic=not train)
         y = self.decoder(y, memory["memory"], deterministic=not train)
         return self.out(y).astype(jnp.float32), {}
@@ -355,7 +373,8 @@ class TransformerCaptioner(nn.Module):
             buf = jax.lax.dynamic_update_slice_in_dim(state["buffer"], tokens[:, None].astype(jnp.int32), t, axis=1)
             logits, _ = self.decode_teacher(memory, buf, train=train)
             return jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False), {"buffer": buf}
-        y = self.embed(tokens)[:, None] + jax.lax.dynamic_slice_in_dim(self.token_pos, t, 1, axis=1)
+        y = self.embed(tokens)[:, None]
+        y = y + jax.lax.dynamic_slice_in_dim(self.token_pos, t, 1, axis=1).astype(y.dtype)
         y = self.drop(y, deterministic=not train)
         y, cache = self.decoder(y, memory["memory"], cache=state["cache"], cache_index=t,
                                 cross=memory.get("cross"), deterministic=not train)

@@ -171,6 +171,7 @@ class RecurrentPool(nn.Module):
     """LRCN head: stacked scanned cells, ``[B, T, D] -> h_{L-1} [B, width]`` (``[B, 2·width]`` bidirectional).
 
     Padded steps leave the state unchanged (see :class:`~seqvis.models.recurrent.Recurrent`).
+    ``dtype`` is the cells' matmul dtype; their state (carry) stays in ``param_dtype``.
     """
 
     cell: str = "lstm"
@@ -178,10 +179,13 @@ class RecurrentPool(nn.Module):
     num_layers: int = 1
     bidirectional: bool = False
     dropout_rate: float = 0.0
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, f: Array, lengths: Array, *, deterministic: bool = True) -> Array:
         out, _ = StackedRNN(features=self.width, num_layers=self.num_layers, cell=self.cell,
+                            cell_kwargs={"dtype": self.dtype, "param_dtype": self.param_dtype},
                             bidirectional=self.bidirectional, dropout_rate=self.dropout_rate,
                             name="rnn")(f, lengths, deterministic=deterministic)
         last = jnp.clip(jnp.asarray(lengths) - 1, 0, f.shape[1] - 1)
@@ -333,7 +337,7 @@ class VideoClassifier(nn.Module):
         elif self.temporal in ("lstm", "gru"):
             z = RecurrentPool(cell=self.temporal, width=self.width, num_layers=self.num_layers,
                               bidirectional=self.bidirectional, dropout_rate=self.dropout_rate,
-                              name="temporal")(f, lengths, deterministic=det)
+                              **kw, name="temporal")(f, lengths, deterministic=det)
         elif self.temporal == "transformer":
             z = TransformerPool(width=self.width, num_layers=self.num_layers, num_heads=self.num_heads,
                                 mlp_dim=self.mlp_dim, max_frames=self.max_frames, dropout_rate=self.dropout_rate,

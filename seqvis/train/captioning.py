@@ -55,6 +55,7 @@ from seqvis.models import captioning as cap
 from seqvis.models import decoding, vit
 from seqvis.models.resnet import ResNetEncoder
 from seqvis.train.step import AXIS
+from seqvis.train.precision import compute_dtype
 from seqvis.train.tasks import Task, register_task
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,12 @@ def check_config(config: Any) -> None:
         raise ConfigError(f"config.data.image_shape={shape} must be (H, W, C) after preprocessing.")
 
 
-def build_encoder(enc_cfg: dict) -> nn.Module:
+def build_encoder(enc_cfg: dict, dtype: Any = None) -> nn.Module:
+    """``config.model.encoder`` -> ResNet or ViT feature-map encoder (``dtype``: compute dtype)."""
     cfg = dict(enc_cfg)
+    cfg.pop("dtype", None)
+    if dtype is not None:
+        cfg["dtype"] = dtype
     name = cfg.pop("name")
     if name == "resnet":
         if "stage_sizes" in cfg and cfg["stage_sizes"] is not None:
@@ -134,10 +139,14 @@ def build_encoder(enc_cfg: dict) -> nn.Module:
     return cap.ViTGridEncoder(vit=vit.build(variant, num_classes=None, pool="gap", **cfg))
 
 
-def build_captioner(model_cfg: Any, vocab_size: int, max_positions: int) -> nn.Module:
+def build_captioner(model_cfg: Any, vocab_size: int, max_positions: int, dtype: Any = None) -> nn.Module:
+    """``config.model`` -> captioner; ``dtype`` is the precision policy's compute dtype (None: float32)."""
     cfg = _as_dict(model_cfg)
+    cfg.pop("dtype", None)
     name = cfg.pop("name")
-    encoder = build_encoder(cfg.pop("encoder"))
+    encoder = build_encoder(cfg.pop("encoder"), dtype)
+    if dtype is not None:
+        cfg["dtype"] = dtype
     if name == "transformer":
         cfg["max_positions"] = max_positions
     return cap.MODELS[name](encoder=encoder, vocab_size=vocab_size, **cfg)
@@ -225,7 +234,8 @@ class CaptioningTask(Task):
         self._model = self.build_model()
 
     def build_model(self) -> nn.Module:
-        return build_captioner(self.config.model, self.tokenizer.vocab_size, self.max_len - 1)
+        return build_captioner(self.config.model, self.tokenizer.vocab_size, self.max_len - 1,
+                               compute_dtype(self.config))
 
     def setup(self, workdir: str, data_lib: Any) -> None:
         path = os.path.join(workdir, VOCAB_FILE)

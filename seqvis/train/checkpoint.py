@@ -278,7 +278,10 @@ class Checkpointer:
         if not steps:
             return None
         errors: list[tuple[int, str]] = []
-        abstract = jax.tree.map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), target)
+        # ShapeDtypeStructs with a sharding (the fsdp driver's target) restore straight into
+        # those shards, whatever device count wrote them; anything else restores as numpy.
+        abstract = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
+                                else np.zeros(np.shape(x), np.asarray(x).dtype), target)
         for step in reversed(steps):
             try:
                 saved_cfg = self._read_json(step, "config")

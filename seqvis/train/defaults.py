@@ -31,7 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.schedule = ml_collections.ConfigDict(dict(
         name="cosine", base_lr=1e-3, warmup_steps=0, end_lr=0.0, timescale=10_000))
 
-    c.parallel = "pmap"  # or "mesh" (jax.shard_map over a 1-D device mesh)
+    c.parallel = "pmap"  # or "mesh" (jax.shard_map over a 1-D device mesh), or "fsdp" (sharded state)
+    c.fsdp_size = 0  # parallel="fsdp": devices each parameter is sharded over (0 = all; a divisor of the count)
+    c.precision = "float32"  # or "bfloat16": bf16 matmuls/convs, float32 params, optimiser state, stats, loss
     c.distributed = ml_collections.ConfigDict(dict(
         coordinator_address="", num_processes=1, process_id=0, cpu_collectives=""))
 

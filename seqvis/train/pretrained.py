@@ -111,7 +111,16 @@ def _read_seqvis(path: str) -> dict:
         raise FileNotFoundError(
             f"config.init_from={path!r}: no checkpoint found (expected a seqvis workdir, a checkpoint step "
             "directory containing 'state/', a .npz, .safetensors, .pth or .bin file).")
-    state = ocp.StandardCheckpointer().restore(state_dir)
+    # Restored as host numpy arrays whatever wrote them: a checkpoint saved sharded (fsdp) on
+    # another device count cannot be restored onto its saved layout here, so the target is
+    # built from the checkpoint's own metadata (np.empty: no memory is touched until read).
+    ckptr = ocp.StandardCheckpointer()
+    meta = ckptr.metadata(state_dir)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree,
+                          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    state = ckptr.restore(state_dir, target)
     return state["params"]
 
 

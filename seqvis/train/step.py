@@ -13,9 +13,15 @@ A non-finite loss or gradient leaves the state untouched and records the step in
 ``bad_step``; the state then stays frozen, so the host can stop at its next check with
 the last good parameters (no per-step host sync is needed).
 
-Drivers: ``pmap`` (state replicated with a leading device axis) and ``mesh``
-(``jax.shard_map`` over a 1-D mesh, state replicated as one global array). Both run the
-same per-device function and give the same parameters.
+Drivers: ``pmap`` (state replicated with a leading device axis), ``mesh``
+(``jax.shard_map`` over a 1-D mesh, state replicated as one global array) and ``fsdp``
+(parameters and optimiser state sharded over a ``('data', 'fsdp')`` mesh by the rules of
+:mod:`seqvis.train.sharding`; one global-view program that XLA partitions). All three run
+the same step function and give the same parameters. Under ``fsdp`` the per-device function
+runs once on the whole global batch (``jax.vmap`` over a named axis of size 1, so its
+collectives are identities and BatchNorm statistics are those of the global batch, as
+pmap's synced statistics are); its dropout keys are those of device 0 of a pmap run, so
+only runs with dropout differ in their random draws.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from seqvis.train import sharding as sharding_lib
 
 AXIS = "batch"
 
@@ -57,8 +65,12 @@ def _split_micro(batch: dict, k: int) -> dict:
     return jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
 
 
-def make_train_step(task, tx: optax.GradientTransformation, schedule: Callable, accum_steps: int = 1):
-    """Per-device ``step(state, batch) -> (state, metrics)``; metrics are global sums/means."""
+def make_train_step(task, tx: optax.GradientTransformation, schedule: Callable, accum_steps: int = 1,
+                    *, vary_params: bool = True):
+    """Per-device ``step(state, batch) -> (state, metrics)``; metrics are global sums/means.
+
+    ``vary_params`` marks the parameters device-varying for ``shard_map`` (see below);
+    the ``fsdp`` driver (no shard_map) builds its step with ``vary_params=False``."""
 
     def loss_fn(params, model_state, micro, rng):
         variables = {"params": params, **model_state}
@@ -74,7 +86,8 @@ def make_train_step(task, tx: optax.GradientTransformation, schedule: Callable, 
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
         # Per-device gradients: mark the replicated params as device-varying, otherwise
         # shard_map's autodiff would already sum them over devices (and psum twice).
-        params = jax.tree.map(lambda p: jax.lax.pcast(p, AXIS, to="varying"), state.params)
+        params = jax.tree.map(lambda p: jax.lax.pcast(p, AXIS, to="varying"), state.params) \
+            if vary_params else state.params
         if accum_steps == 1:
             grads, (updates, sums, count) = grad_fn(params, state.model_state, batch, rng)
             model_state = {**state.model_state, **updates}
@@ -160,8 +173,19 @@ class PmapDriver:
         self._train = jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0,))
         self._eval = jax.pmap(eval_step, axis_name=AXIS)
 
+    vary_params = True
+
+    def create_state(self, init_fn):
+        return jax.device_get(init_fn())  # host arrays; put_state replicates them
+
     def put_state(self, state):
         return replicate(state, self.devices)
+
+    def checkpoint_state(self, state):
+        return self.get_state(state)
+
+    def restore_target(self, state):
+        return state
 
     def get_state(self, state):
         """One copy of the state as host numpy arrays.
@@ -206,8 +230,19 @@ class MeshDriver:
         self._train = jax.jit(smap(train_step, (P(), P())), donate_argnums=(0,))
         self._eval = jax.jit(smap(eval_step, P()))
 
+    vary_params = True
+
+    def create_state(self, init_fn):
+        return jax.device_get(init_fn())
+
     def put_state(self, state):
         return jax.device_put(state, self.replicated)
+
+    def checkpoint_state(self, state):
+        return self.get_state(state)
+
+    def restore_target(self, state):
+        return state
 
     def get_state(self, state):
         return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state)
@@ -230,10 +265,137 @@ class MeshDriver:
         return jax.tree.map(np.asarray, jax.device_get(metrics))
 
 
-DRIVERS = {"pmap": PmapDriver, "mesh": MeshDriver}
+def global_view(per_device_step):
+    """Run a per-device step (collectives over ``'batch'``) on the whole global batch.
+
+    ``jax.vmap`` with the axis named ``'batch'`` and of size 1: psum/pmean/axis_index are
+    then identities, so the result is the step of one device holding the global batch."""
+
+    def step(state, batch):
+        one = jax.tree.map(lambda x: x[None], batch)
+        out = jax.vmap(per_device_step, in_axes=(None, 0), axis_name=AXIS, axis_size=1)(state, one)
+        return jax.tree.map(lambda x: x[0], out)
+
+    return step
 
 
-def make_driver(name: str, train_step, eval_step):
+class FsdpDriver:
+    """Parameters, optimiser and model state sharded over a ``('data', 'fsdp')`` mesh (ZeRO-3-like).
+
+    ``jax.jit`` of the global-view step with the state's shardings as in- and output
+    shardings (the state is donated, so it is updated in place shard by shard); batches are
+    sharded over both mesh axes. Checkpoints hold the sharded arrays (each process writes
+    its shards) and restore onto any device count (:meth:`restore_target`).
+    """
+
+    name = "fsdp"
+    vary_params = False
+
+    def __init__(self, train_step, eval_step, fsdp_size: int = 0, rules=None,
+                 min_shard_elements: int = sharding_lib.MIN_SHARD_ELEMENTS, devices=None):
+        devices = list(jax.devices() if devices is None else devices)
+        self.fsdp_size = len(devices) if not fsdp_size or fsdp_size <= 0 else int(fsdp_size)
+        self.mesh = sharding_lib.make_mesh(self.fsdp_size, devices)
+        self.rules = tuple(tuple(r) for r in (rules or sharding_lib.DEFAULT_RULES))
+        self.min_shard_elements = int(min_shard_elements)
+        self.batch_sharding = NamedSharding(self.mesh, P(sharding_lib.BATCH_AXES))
+        self.replicated = NamedSharding(self.mesh, P())
+        self._train_step, self._eval_step = global_view(train_step), global_view(eval_step)
+        self._jitted: dict = {}
+
+    # ---- shardings
+    def state_sharding(self, state) -> Any:
+        """NamedShardings for a state (arrays or ShapeDtypeStructs) under the rules."""
+        specs = sharding_lib.state_specs(state, self.fsdp_size, self.rules, self.min_shard_elements)
+        return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
+
+    def abstract(self, state) -> Any:
+        """ShapeDtypeStructs carrying the shardings (for AOT lowering and sharded restore)."""
+        sh = self.state_sharding(state)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), state, sh)
+
+    def restore_target(self, state) -> Any:
+        return self.abstract(state)
+
+    def jitted(self, state):
+        """``(train, eval)`` jitted with this state's shardings (cached by tree structure)."""
+        key = jax.tree.structure(state)
+        if key not in self._jitted:
+            sh = self.state_sharding(state)
+            train = jax.jit(self._train_step, in_shardings=(sh, self.batch_sharding),
+                            out_shardings=(sh, self.replicated), donate_argnums=(0,))
+            ev = jax.jit(self._eval_step, in_shardings=(sh, self.batch_sharding), out_shardings=self.replicated)
+            self._jitted[key] = (train, ev)
+        return self._jitted[key]
+
+    # ---- state
+    def create_state(self, init_fn) -> Any:
+        """``init_fn() -> TrainState`` run under jit straight into the sharded layout (a model
+        too big for one device never exists unsharded)."""
+        shapes = jax.eval_shape(init_fn)
+        return jax.jit(init_fn, out_shardings=self.state_sharding(shapes))()
+
+    def put_state(self, state):
+        sh = self.state_sharding(state)
+
+        def put(x, s):
+            if isinstance(x, jax.Array) and x.sharding == s:
+                return x
+            host = np.asarray(x) if not isinstance(x, jax.Array) or x.is_fully_addressable else None
+            if host is None:  # another global layout: let XLA move it
+                return jax.jit(lambda a: a, out_shardings=s)(x)
+            return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+
+        return jax.tree.map(put, state, sh)
+
+    def get_state(self, state):
+        """One full copy of the state as host numpy arrays (gathered from every process)."""
+        from jax.experimental import multihost_utils
+
+        def get(x):
+            if not isinstance(x, jax.Array):
+                return np.asarray(x)
+            if x.is_fully_addressable or x.is_fully_replicated:
+                return np.asarray(x)
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+        return jax.tree.map(get, state)
+
+    def checkpoint_state(self, state):
+        """What the checkpoint saves: the sharded arrays themselves (orbax writes each shard once)."""
+        return state
+
+    # ---- batches and steps
+    def put_batch(self, batch):
+        def put(x):
+            local = x.reshape((-1,) + x.shape[2:])  # [local_devices, B, ...] -> [local batch, ...]
+            return jax.make_array_from_process_local_data(self.batch_sharding, local)
+
+        return jax.tree.map(put, batch)
+
+    def train(self, state, batch):
+        return self.jitted(state)[0](state, batch)
+
+    def evaluate(self, state, batch):
+        return self.jitted(state)[1](state, batch)
+
+    def fetch(self, metrics):
+        return jax.tree.map(np.asarray, jax.device_get(metrics))
+
+
+DRIVERS = {"pmap": PmapDriver, "mesh": MeshDriver, "fsdp": FsdpDriver}
+
+
+def driver_options(config: Any) -> dict:
+    """Keyword arguments of the driver ``config.parallel`` names, from the config."""
+    if config.get("parallel", "pmap") != "fsdp":
+        return {}
+    return {"fsdp_size": int(config.get("fsdp_size", 0) or 0),
+            "rules": tuple(tuple(r) for r in (config.get("sharding_rules", None) or sharding_lib.DEFAULT_RULES)),
+            "min_shard_elements": int(config.get("min_shard_elements", sharding_lib.MIN_SHARD_ELEMENTS))}
+
+
+def make_driver(name: str, train_step, eval_step, **options):
     if name not in DRIVERS:
         raise ValueError(f"config.parallel={name!r} is unknown; use one of {sorted(DRIVERS)}.")
-    return DRIVERS[name](train_step, eval_step)
+    return DRIVERS[name](train_step, eval_step, **options)

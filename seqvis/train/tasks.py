@@ -110,9 +110,15 @@ class Task:
                              f"{np.shape(soft)[-1]} columns; set --config.data.num_classes={np.shape(soft)[-1]}.")
 
 
-def build_classifier(model_cfg: Any, num_classes: int) -> nn.Module:
-    """``config.model`` -> ViT or ResNet module (``name`` picks which; other fields are kwargs)."""
+def build_classifier(model_cfg: Any, num_classes: int, dtype: Any = None) -> nn.Module:
+    """``config.model`` -> ViT or ResNet module (``name`` picks which; other fields are kwargs).
+
+    ``dtype`` is the compute dtype of the precision policy (:mod:`seqvis.train.precision`);
+    None keeps the modules' float32 default. Parameters are float32 either way."""
     cfg = dict(model_cfg)
+    cfg.pop("dtype", None)  # decided by config.precision (checked in precision.compute_dtype)
+    if dtype is not None:
+        cfg["dtype"] = dtype
     name = cfg.pop("name", "vit")
     if name == "vit":
         from seqvis.models import vit
@@ -154,7 +160,9 @@ class ClassificationTask(Task):
             config.model.get("norm", "batch") == "batch" else ()
 
     def build_model(self) -> nn.Module:
-        return build_classifier(self.config.model, self.num_classes)
+        from seqvis.train.precision import compute_dtype
+
+        return build_classifier(self.config.model, self.num_classes, compute_dtype(self.config))
 
     def dummy_batch(self, batch_size: int) -> dict[str, jax.Array]:
         h, w, c = self.config.data.image_shape

@@ -22,7 +22,9 @@ from seqvis.evaluation.flops import forward_flops_per_example
 from seqvis.models.common import num_params
 from seqvis.train import checkpoint as ckpt_lib
 from seqvis.train import optim
+from seqvis.train import sharding as sharding_lib
 from seqvis.train import step as step_lib
+from seqvis.train.precision import precision_name
 from seqvis.train.metrics import MetricWriter, Progress
 from seqvis.train.pretrained import load_pretrained
 from seqvis.train.tasks import get_task
@@ -98,6 +100,8 @@ def check_config(config: Any) -> None:
         raise ConfigError(f"config.eval_batch_size={ebs} must be a positive multiple of the device count ({devices}).")
     if config.get("parallel", "pmap") not in step_lib.DRIVERS:
         raise ConfigError(f"config.parallel={config.parallel!r} is unknown; use one of {sorted(step_lib.DRIVERS)}.")
+    sharding_lib.check_config(config, devices)
+    precision_name(config)
     for field in ("log_every_steps", "checkpoint_every_steps"):
         if int(config.get(field, 1)) <= 0:
             raise ConfigError(f"config.{field}={config.get(field)} must be a positive number of steps.")
@@ -230,7 +234,15 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
     tx = optim.make_optimizer(config.optimizer, schedule)
     per_device = global_batch // jax.device_count()
     dummy = task.dummy_batch(per_device)
-    host_state = jax.device_get(step_lib.create_state(task, tx, seed, dummy))
+    # The driver decides where the state lives: host arrays to be replicated (pmap, mesh), or
+    # created straight into its shards (fsdp: a model too big for one device is never whole).
+    accum = int(config.get("grad_accum_steps", 1))
+    parallel = config.get("parallel", "pmap")
+    driver = step_lib.make_driver(parallel,
+                                  step_lib.make_train_step(task, tx, schedule, accum,
+                                                           vary_params=step_lib.DRIVERS[parallel].vary_params),
+                                  step_lib.make_eval_step(task), **step_lib.driver_options(config))
+    host_state = driver.create_state(lambda: step_lib.create_state(task, tx, seed, dummy))
     n_params = num_params(host_state.params)
 
     # ---------------------------------------------------------------- checkpoint restore
@@ -242,7 +254,7 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
                                                    async_save=bool(config.get("async_checkpointing", True)),
                                                    cleanup=True)
     meta = {"step": 0, "examples_seen": 0, "train_seconds": 0.0}
-    restored = ckpt.restore_latest(host_state, config_dict, process_count=jax.process_count(),
+    restored = ckpt.restore_latest(driver.restore_target(host_state), config_dict, process_count=jax.process_count(),
                                    allow_data_change=allow_data_change)
     if restored is not None:
         host_state, meta = restored
@@ -269,10 +281,6 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
         task.check_batch(first_batch)
 
     # ---------------------------------------------------------------- compile
-    accum = int(config.get("grad_accum_steps", 1))
-    driver = step_lib.make_driver(config.get("parallel", "pmap"),
-                                  step_lib.make_train_step(task, tx, schedule, accum),
-                                  step_lib.make_eval_step(task))
     state = driver.put_state(host_state)
     flops = None
     if config.get("count_flops", True):
@@ -312,7 +320,7 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
         return FloatingPointError(f"Non-finite loss or gradient at step {bad + 1}; training stopped. {where}")
 
     def save(step_done: int, state_) -> None:
-        host = driver.get_state(state_)
+        host = driver.checkpoint_state(state_)  # host arrays, or the shards themselves (fsdp)
         bad = int(np.asarray(host.bad_step))
         if bad >= 0:  # never save a state frozen after a non-finite step
             raise nonfinite(bad)

@@ -32,6 +32,7 @@ import numpy as np
 from seqvis.data import video_ops  # noqa: F401  (registers the video pp ops)
 from seqvis.errors import ConfigError
 from seqvis.models.video import VideoClassifier
+from seqvis.train.precision import compute_dtype
 from seqvis.train.tasks import Task, register_task, softmax_cross_entropy
 
 _MODEL_FIELDS = ("temporal", "backbone", "backbone_kwargs", "pool", "embed_dim", "width", "num_layers", "num_heads",
@@ -78,11 +79,15 @@ class VideoTask(Task):
     # ------------------------------------------------------------------ model
     def build_model(self) -> VideoClassifier:
         cfg = _plain(self.config.model)
+        cfg.pop("dtype", None)  # decided by config.precision (checked by compute_dtype)
+        dtype = compute_dtype(self.config)
+        if dtype is not None:
+            cfg["dtype"] = dtype
         name = cfg.pop("name", "video")
         if name != "video":
             raise ConfigError(f"config.model.name={name!r}: the video task builds 'video' models "
                                 "(VideoClassifier); set config.model.name='video'.")
-        unknown = sorted(set(cfg) - set(_MODEL_FIELDS))
+        unknown = sorted(set(cfg) - set(_MODEL_FIELDS) - {"dtype"})
         if unknown:
             raise ConfigError(f"config.model has unknown field(s) {unknown} for the video model; "
                                 f"valid fields: {list(_MODEL_FIELDS)}.")
