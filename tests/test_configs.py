@@ -108,6 +108,7 @@ def test_config_runs_one_step(path, arg, tmp_path, idx_data_dir, monkeypatch):
         mock_without_decoders(monkeypatch)
     config.data.data_dir = idx_data_dir if config.data.name.endswith("_idx") else str(tmp_path / "tfds")
     if config.data.name.endswith("_idx"):
+        config.eval_batch_size = 1000  # the full 10k test split in 10 steps, not 625
         results = train_and_evaluate(config, str(tmp_path / "w"))
         assert results["num_examples"] == 10_000
     else:
