@@ -32,7 +32,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from seqvis.analysis.powerlaw import fit_pure_power_law, fit_saturating_power_law, pareto_frontier
+from experiments.scaling_findings import (  # noqa: F401 - findings and spearman re-exported
+    MAX_RMS_LOG_RESIDUAL, MIN_AGREEING_FRACTION, MIN_SPEARMAN, budget_label, findings, spearman)
+from seqvis.analysis.powerlaw import fit_saturating_power_law, pareto_frontier
 
 
 class ReportError(ValueError):
@@ -44,11 +46,6 @@ NUMERIC = ("index", "width", "depth", "mlp_dim", "heads", "params", "batch_size"
            "train_seconds", "wall_seconds", "accuracy", "test_error", "loss", "num_examples")
 REQUIRED = ("point", "status", "family", "model", "params", "examples_seen", "gflops_per_example", "train_flops",
             "test_error")
-
-# Verdict thresholds, stated in the report.
-MAX_RMS_LOG_RESIDUAL = 0.05  # the saturating law "fits" the frontier if its RMS relative deviation is <= 5%
-MIN_SPEARMAN = 0.5  # "compute-optimal model grows": rank correlation of compute and model size on the frontier
-MIN_AGREEING_FRACTION = 2 / 3  # share of comparisons that must agree with a published ordering
 
 
 # ============================================================================ reading
@@ -130,21 +127,6 @@ def frontier_rows(rows: Sequence[dict]) -> list[dict]:
     return [rows[i] for i in idx]
 
 
-def _rank(x: Sequence[float]) -> np.ndarray:
-    from scipy.stats import rankdata
-
-    return rankdata(x)
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    if len(x) < 3:
-        return None
-    rx, ry = _rank(x), _rank(y)
-    if np.std(rx) == 0 or np.std(ry) == 0:
-        return None
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
 def _other_settings(r: dict) -> str:
     """Everything that is not the model description: base config and non-model overrides (budget included)."""
     ov = r.get("overrides") or {}
@@ -185,166 +167,6 @@ def ablation_groups(rows: Sequence[dict]) -> dict[str, list[dict]]:
                            "fixed": {c: members[0].get(c) for c in fixed},
                            "examples_seen": members[0]["examples_seen"], "epochs": members[0].get("epochs")})
         out[axis] = sorted(series, key=lambda s: (s["examples_seen"], json.dumps(s["fixed"], default=str)))
-    return out
-
-
-def _budget_label(examples: float, epochs: float | None) -> str:
-    ex = f"{examples / 1e3:.0f}k" if examples < 1e6 else f"{examples / 1e6:.3g}M"
-    return f"{ex} examples" + (f" ({epochs:.2g} ep)" if epochs else "")
-
-
-def _slope_per_doubling(series: dict) -> float:
-    """Least-squares change of test error (absolute) per doubling of forward FLOPs/example."""
-    x = np.log2([r["gflops_per_example"] for r in series["rows"]])
-    y = np.array([r["error"] for r in series["rows"]])
-    return float(np.polyfit(x, y, 1)[0])
-
-
-def _interp(series: dict, xq: np.ndarray) -> np.ndarray:
-    x = np.log([r["gflops_per_example"] for r in series["rows"]])
-    y = np.array([r["error"] for r in series["rows"]])
-    return np.interp(np.log(xq), x, y)
-
-
-def _family_best_at(frontier: Sequence[dict], c: float) -> float | None:
-    """Lowest error a family reached with compute <= c (its frontier as a step function)."""
-    errs = [r["error"] for r in frontier if r["compute"] <= c * (1 + 1e-9)]
-    return min(errs) if errs else None
-
-
-def findings(rows: Sequence[dict], fit, fit_error: str | None, vit_frontier: Sequence[dict],
-             groups: dict[str, list[dict]], family_frontiers: dict[str, list[dict]]) -> list[dict]:
-    out = []
-
-    # 1. the frontier follows the saturating power law
-    f = {"finding": "The compute-error frontier follows a saturating power law E = a(C+d)^-b + c (Zhai et al.)"}
-    if fit is None:
-        f.update(verdict="not testable", numbers=fit_error or "no fit")
-    else:
-        _, b_pure, rms_pure = fit_pure_power_law([r["compute"] for r in vit_frontier],
-                                                 [r["error"] for r in vit_frontier])
-        nums = (f"{fit.n} frontier points; RMS relative deviation {100 * fit.rms_log_residual:.2f}% "
-                f"(max {100 * fit.max_rel_residual:.2f}%) vs {100 * rms_pure:.2f}% for a pure power law E = aC^-b "
-                f"(b = {b_pure:.3f}); b = {fit.b:.3f}, c = {fit.c:.4f}"
-                + (f"; fit degenerate: {', '.join(fit.at_bound)}" if fit.at_bound else ""))
-        if fit.n <= 4:
-            f.update(verdict="not testable", numbers=nums + "; 4 points determine 4 parameters exactly")
-        else:
-            holds = fit.rms_log_residual <= MAX_RMS_LOG_RESIDUAL
-            f.update(verdict="holds" if holds else "does not hold",
-                     numbers=nums + f" (criterion: RMS deviation <= {100 * MAX_RMS_LOG_RESIDUAL:.0f}%)")
-    out.append(f)
-
-    # 2. the compute-optimal model grows with compute
-    f = {"finding": "The compute-optimal model grows with compute (larger models on the frontier at larger budgets)"}
-    shapes = {(r.get("width"), r.get("depth"), r.get("mlp_dim")) for r in rows if r["family"] == "vit"}
-    if len(shapes) < 3:
-        f.update(verdict="not testable", numbers=f"the ViT points have {len(shapes)} model shape(s) (width, depth, "
-                 "MLP); needs at least 3 sizes")
-    elif len(vit_frontier) < 3:
-        f.update(verdict="not testable", numbers=f"only {len(vit_frontier)} frontier points")
-    else:
-        rho = spearman([r["compute"] for r in vit_frontier], [r["params"] for r in vit_frontier])
-        seq = " → ".join(f"{r['model']} @ {r['compute']:.2g}" for r in vit_frontier)
-        first, last = vit_frontier[0], vit_frontier[-1]
-        holds = rho is not None and rho >= MIN_SPEARMAN and last["params"] > first["params"]
-        f.update(verdict="holds" if holds else "does not hold",
-                 numbers=(f"Spearman ρ(compute, params) on the frontier = "
-                          f"{'n/a' if rho is None else f'{rho:.2f}'} (criterion ≥ {MIN_SPEARMAN}); "
-                          f"params {first['params']:,} at the lowest-compute frontier point, {last['params']:,} at "
-                          f"the highest; frontier: {seq}"))
-    out.append(f)
-
-    # 3. smaller patches lower the error of a fixed model
-    f = {"finding": "Smaller patches lower the error at a fixed model (ViT paper)"}
-    pairs = []
-    for s in groups.get("patch size", []):
-        by_patch = sorted(s["rows"], key=lambda r: -float(r["patch"]))
-        for big, small in zip(by_patch, by_patch[1:]):
-            pairs.append((big, small))
-    if not pairs:
-        f.update(verdict="not testable", numbers="no points differ only in patch size")
-    else:
-        agree = sum(1 for big, small in pairs if small["error"] < big["error"])
-        deltas = [100 * (small["error"] - big["error"]) for big, small in pairs]
-        detail = "; ".join(
-            f"p{big['patch']}→p{small['patch']} ({_budget_label(big['examples_seen'], big.get('epochs'))}): "
-            f"{100 * big['error']:.2f}% → {100 * small['error']:.2f}%" for big, small in pairs)
-        holds = agree / len(pairs) >= MIN_AGREEING_FRACTION
-        f.update(verdict="holds" if holds else "does not hold",
-                 numbers=(f"smaller patch lower error in {agree}/{len(pairs)} comparisons (criterion ≥ "
-                          f"{MIN_AGREEING_FRACTION:.0%}); mean change {np.mean(deltas):+.2f} points; {detail}"))
-    out.append(f)
-
-    # 4. depth helps more than width at matched compute
-    f = {"finding": "Scaling depth lowers error more than scaling width at matched compute (ViT paper Fig. 8)"}
-    depth_s, width_s = groups.get("depth", []), groups.get("width", [])
-    comps, scores, ups, downs = [], [], [], []
-    for ds in depth_s:
-        for ws in width_s:
-            shared = [r for r in ds["rows"] if r["point"] in {w["point"] for w in ws["rows"]}]
-            if ds["examples_seen"] != ws["examples_seen"] or not shared:
-                continue
-            g0 = shared[0]["gflops_per_example"]
-            parts, text = [], []
-            # Scaling up from the shared model: lower error for the deeper model is "depth helps more".
-            hi = min(max(r["gflops_per_example"] for r in ds["rows"]), max(r["gflops_per_example"] for r in ws["rows"]))
-            if hi > g0 * 1.01:
-                xq = np.geomspace(g0, hi, 8)[1:]
-                up = float(np.mean(_interp(ws, xq) - _interp(ds, xq)))
-                parts.append(up)
-                ups.append(up)
-                text.append(f"up to {hi / g0:.2g}× the FLOPs: width − depth error {100 * up:+.2f} points")
-            # Scaling down: a higher error for the shallower model also says depth matters more.
-            lo = max(min(r["gflops_per_example"] for r in ds["rows"]), min(r["gflops_per_example"] for r in ws["rows"]))
-            if lo < g0 / 1.01:
-                xq = np.geomspace(lo, g0, 8)[:-1]
-                down = float(np.mean(_interp(ds, xq) - _interp(ws, xq)))
-                parts.append(down)
-                downs.append(down)
-                text.append(f"down to {lo / g0:.2g}×: depth − width error {100 * down:+.2f} points")
-            if parts:
-                scores.append(float(np.mean(parts)))
-                comps.append(f"from {shared[0]['model']} at {_budget_label(ds['examples_seen'], ds.get('epochs'))}: "
-                             + ", ".join(text))
-    if not scores:
-        f.update(verdict="not testable",
-                 numbers=f"{len(depth_s)} depth and {len(width_s)} width series, none sharing a model and budget")
-    else:
-        sd = [_slope_per_doubling(s) for s in depth_s]
-        sw = [_slope_per_doubling(s) for s in width_s]
-        agree = sum(1 for d in scores if d > 0)
-        holds = agree / len(scores) >= MIN_AGREEING_FRACTION
-        f.update(verdict="holds" if holds else "does not hold",
-                 numbers=(f"depth ahead at matched compute in {agree}/{len(scores)} comparisons of a depth and a width "
-                          "series through the same model and budget (mean error difference over the shared FLOPs "
-                          "range, interpolated in log FLOPs); mean advantage of depth: "
-                          + (f"scaling up {100 * np.mean(ups):+.2f} points ({len(ups)})" if ups else "scaling up n/a")
-                          + (f", scaling down {100 * np.mean(downs):+.2f} points ({len(downs)})" if downs else "")
-                          + f"; error change per doubling of forward FLOPs: depth {100 * np.mean(sd):+.2f}, "
-                          f"width {100 * np.mean(sw):+.2f} points; " + "; ".join(comps[:4])
-                          + ("; …" if len(comps) > 4 else "")))
-    out.append(f)
-
-    # 5. ResNets do better at small data and compute
-    f = {"finding": "At small data and compute ResNets beat ViTs (ViT paper Fig. 5; ViTs need more data/compute)"}
-    fv, fr = family_frontiers.get("vit") or [], family_frontiers.get("resnet") or []
-    if not fv or not fr:
-        f.update(verdict="not testable", numbers="needs both ViT and ResNet points")
-    else:
-        c_lo = max(fv[0]["compute"], fr[0]["compute"])
-        c_hi = min(max(r["compute"] for r in rows if r["family"] == "vit"),
-                   max(r["compute"] for r in rows if r["family"] == "resnet"))
-        ev_lo, er_lo = _family_best_at(fv, c_lo), _family_best_at(fr, c_lo)
-        ev_hi, er_hi = _family_best_at(fv, c_hi), _family_best_at(fr, c_hi)
-        holds = er_lo < ev_lo
-        overtake = "ViT ahead" if ev_hi < er_hi else "ResNet still ahead"
-        f.update(verdict="holds" if holds else "does not hold",
-                 numbers=(f"best error with ≤ {c_lo:.2g} FLOPs: ResNet {100 * er_lo:.2f}%, ViT {100 * ev_lo:.2f}%; "
-                          f"with ≤ {c_hi:.2g} FLOPs (largest shared budget): ResNet {100 * er_hi:.2f}%, "
-                          f"ViT {100 * ev_hi:.2f}% ({overtake}); all runs see ≤ "
-                          f"{max(r['examples_seen'] for r in rows):,} examples of a 60k-image training set"))
-    out.append(f)
     return out
 
 
@@ -396,7 +218,7 @@ def make_report(results: Sequence[str], out: str, *, bootstrap: int = 1000, seed
         col = ABLATION_AXES[axis][0]
         many = len({json.dumps(s["fixed"], default=str) for s in series}) > 1
         panels.append({"title": axis, "legend_title": "training budget", "series": [
-            {"label": _budget_label(s["examples_seen"], s.get("epochs")) + (
+            {"label": budget_label(s["examples_seen"], s.get("epochs")) + (
                 " | " + ",".join(f"{k[0]}{v}" for k, v in s["fixed"].items()) if many else ""),
              "x": [r["gflops_per_example"] for r in s["rows"]], "y": [r["error"] for r in s["rows"]],
              "annotations": [f"{col[0]}{r[col]}" for r in s["rows"]]} for s in series]})
