@@ -21,7 +21,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],  # the suite runs in 2 worker processes (scripts/test.sh)
+        "test": ["pytest>=8"],
         "plots": ["matplotlib>=3.7", "scipy>=1.10"],
     },
 )

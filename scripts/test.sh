@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# README command 2: set up, then run the test suite (CPU, 8 fake devices), one test file per worker
-# process: SEQVIS_TEST_WORKERS of them (default 2, the cores of the reference machine; 0 = in this process).
+# README command 2: set up, then run the test suite (CPU, 8 fake devices). One process: the tests' XLA and
+# tf.data work already keeps both cores of the reference machine busy (pytest-xdist with 2 workers was slower).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q -n "${SEQVIS_TEST_WORKERS:-2}" --dist loadfile "$@"
+exec .venv/bin/python -m pytest -q "$@"

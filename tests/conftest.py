@@ -16,9 +16,6 @@ import jax  # noqa: E402
 _CACHE = os.environ.get(
     "SEQVIS_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "seqvis-jax-tests")
 )
-# One cache per pytest-xdist worker: jax writes cache entries without a lock, and a worker must never read
-# an entry another one is half-way through writing.
-_CACHE = os.path.join(_CACHE, os.environ.get("PYTEST_XDIST_WORKER", "main"))
 # The same cache for the subprocesses the tests start (the real command line, kill/resume, sweeps,
 # multi-host): jax reads these from the environment, so a step compiled once is loaded by the next process.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
