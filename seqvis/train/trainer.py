@@ -285,7 +285,9 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
     flops = None
     if config.get("count_flops", True):
         flops = forward_flops_per_example(
-            task.model, {"params": host_state.params, **host_state.model_state},
+            task.model,  # shapes only: the count needs no values (and fsdp's state is sharded)
+            jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
+                         {"params": host_state.params, **host_state.model_state}),
             task.model_inputs(jax.tree.map(np.asarray, dummy)))
 
     # metrics.jsonl keeps the rows up to the restored step: each step is logged once.
