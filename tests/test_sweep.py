@@ -117,6 +117,9 @@ def test_missing_files():
     ({"model.widht": 64}, r"Unknown ViT field\(s\) \['widht'\]"),
     ({"config": "configs/nope.py"}, r"point 0 'config': config file 'configs/nope.py' not found"),
     ({"batch_size": 12}, r"config.batch_size=12 must be a positive multiple of the device count"),
+    # What ConfigDict's typed override would let through: a bool into a number, a dict over a section.
+    ({"seed": True}, r"override seed=True is a bool but config.seed is a int"),
+    ({"data": {"name": "mnist"}}, r"override 'data' names a section of the config, not a field"),
 ])
 def test_bad_overrides_fail_before_training(tmp_path, override, message):
     with pytest.raises(SweepError, match=message):
