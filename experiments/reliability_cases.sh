@@ -15,24 +15,25 @@ run() {  # run NAME ARGS...: the seqvis command line, summarised
   local name=$1; shift
   "$PY" -m seqvis.main --config=configs/vit.py $SMALL "$@" >"$S/$name.out" 2>"$S/$name.err"
   local rc=$?
-  printf '%-34s exit %-3s stderr %4s lines | %s\n' "$name" "$rc" "$(wc -l <"$S/$name.err")" "$(tail -n 1 "$S/$name.err" | cut -c1-220)"
+  printf '%-34s exit %-3s stderr %4s lines | %s\n' "$name" "$rc" "$(wc -l <"$S/$name.err")" "$( (grep -m1 '^error:' "$S/$name.err" || tail -n 1 "$S/$name.err") | cut -c1-220)"
 }
 ckpts() { printf '%-34s checkpoints: %s\n' "" "$(ls "$1/checkpoints" 2>/dev/null | tr '\n' ' ')"; }
 
 echo "scratch: $S"
 # 1. NaN with a checkpoint every step and a log every 10; then resume with a sane lr.
 run case1_nan --workdir="$S/w1" --config.total_steps=10 --config.schedule.base_lr=1e6 \
-  --config.optimizer.grad_clip_norm=0 --config.log_every_steps=10 --config.checkpoint_every_steps=1
+  --config.optimizer.grad_clip_norm=0 --config.log_every_steps=10 --config.checkpoint_every_steps=1 \
+  --config.schedule.warmup_steps=1
 ckpts "$S/w1"
 run case1_resume_sane_lr --workdir="$S/w1" --config.total_steps=10 --config.optimizer.grad_clip_norm=0 \
-  --config.log_every_steps=10 --config.checkpoint_every_steps=1
+  --config.log_every_steps=10 --config.checkpoint_every_steps=1 --config.schedule.warmup_steps=1
 ckpts "$S/w1"
 # 2. keep_checkpoints=0
 run case2_keep0 --workdir="$S/w2" $T --config.keep_checkpoints=0
 ckpts "$S/w2"
 # 3. corrupt newest checkpoint: fall back, re-train, save; then init_from works.
 run case3_train --workdir="$S/w3" $T
-f=$(find "$S/w3/checkpoints/4/state" -type f -size +1k | head -n 1); truncate -s 10 "$f"
+f=$(find "$S/w3/checkpoints/5/state" -type f -size +1k | head -n 1); truncate -s 10 "$f"  # the newest
 run case3_resume_corrupt --workdir="$S/w3" $T --config.total_steps=6
 ckpts "$S/w3"; ls "$S/w3" | tr '\n' ' '; echo
 run case3_init_from --workdir="$S/w3b" $T --config.init_from="$S/w3"
