@@ -1,4 +1,5 @@
-"""FLOP counting: XLA's cost analysis of a compiled forward pass, and an analytic count for ViT.
+"""FLOP counting: XLA's cost analysis of a compiled forward pass (loops counted in full), and an
+analytic count for ViT.
 
 Convention: one multiply-add is 2 FLOPs, and the training compute of a run is
 ``3 × forward FLOPs per example × examples seen`` (the backward pass costs about twice
@@ -17,10 +18,59 @@ import logging
 from typing import Any, Sequence
 
 import jax
+import jax.extend.core  # noqa: F401 - jax.extend.core.ClosedJaxpr / jaxpr_as_fun
 
 log = logging.getLogger(__name__)
 
 TRAIN_FLOPS_PER_FORWARD = 3.0  # forward + backward (2x forward)
+
+
+def _xla_flops(fn, *args) -> float | None:
+    """FLOPs XLA's cost analysis gives the compiled ``fn(*args)`` (None where the backend has none)."""
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def _sub_jaxprs(eqn):
+    for v in eqn.params.values():
+        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+            if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                yield sub
+            elif isinstance(sub, jax.extend.core.Jaxpr):
+                yield jax.extend.core.ClosedJaxpr(sub, ())
+
+
+def _loop_flops_missed(jaxpr) -> float | None:
+    """FLOPs XLA's cost analysis leaves out of a program: it counts a loop's body once.
+
+    For every ``scan`` (``nn.scan`` over layers or time steps) the body is compiled on its own
+    and counted ``length - unroll`` more times (an ``unroll`` of k puts k iterations in the
+    compiled body); nested loops are corrected the same way. None for a ``while`` loop, whose
+    trip count the program does not state.
+    """
+    missed = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "while":
+            return None
+        for sub in _sub_jaxprs(eqn):
+            inner = _loop_flops_missed(sub.jaxpr)
+            if inner is None:
+                return None
+            if name != "scan":
+                missed += inner
+                continue
+            length, unroll = int(eqn.params["length"]), eqn.params.get("unroll", 1)
+            counted = length if unroll is True else min(max(int(unroll), 1), length)
+            body = _xla_flops(jax.extend.core.jaxpr_as_fun(sub), *(v.aval for v in sub.jaxpr.invars))
+            if body is None:
+                return None
+            missed += (length - counted) * (body + inner) + counted * inner
+    return missed
 
 
 def forward_flops_per_example(model: Any, variables: dict, inputs: Sequence[Any]) -> float | None:
@@ -28,21 +78,25 @@ def forward_flops_per_example(model: Any, variables: dict, inputs: Sequence[Any]
 
     ``model.apply(variables, *inputs, train=False)`` is compiled (``inputs`` as a task's
     ``model_inputs(batch)`` gives them, batch dimension first); the count is the compiled
-    program's total divided by the batch size. Returns None where the backend offers no
-    cost analysis.
+    program's total divided by the batch size. XLA counts the body of a loop once, so the
+    iterations of scanned layers or time steps it leaves out are added (see
+    :func:`_loop_flops_missed`). Returns None where the backend offers no cost analysis or
+    the program has a loop of unknown length.
     """
     inputs = tuple(inputs)
-    fn = jax.jit(lambda v, *xs: model.apply(v, *xs, train=False))
+
+    def forward(v, *xs):
+        return model.apply(v, *xs, train=False)
+
     try:
-        cost = fn.lower(variables, *inputs).compile().cost_analysis()
+        total = _xla_flops(forward, variables, *inputs)
+        missed = _loop_flops_missed(jax.make_jaxpr(forward)(variables, *inputs).jaxpr) if total is not None else None
     except Exception as e:  # noqa: BLE001 - cost analysis is best effort on some backends
         log.warning("XLA cost analysis failed: %s", e)
         return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
+    if total is None or missed is None:
         return None
-    return float(cost["flops"]) / inputs[0].shape[0]
+    return (total + missed) / inputs[0].shape[0]
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
