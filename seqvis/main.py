@@ -140,25 +140,35 @@ def main(argv):
     from seqvis.train.trainer import TrainingInterrupted, train_and_evaluate
 
     traceback = os.environ.get("SEQVIS_TRACEBACK", "") not in ("", "0")
+    # The exit happens after the except blocks: while an exception is alive its traceback keeps the
+    # training frames (and the input pipeline's threads) alive, and tearing those down during
+    # interpreter shutdown can hang; once the exception is gone they are closed normally.
+    failure, results = None, None
     try:
         results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except KeyboardInterrupt as e:
         if traceback:
             raise
-        msg = e.message if isinstance(e, TrainingInterrupted) else "interrupted; re-run the same command to resume."
-        print(msg, file=sys.stderr)
-        sys.exit(130)
+        failure = (e.message if isinstance(e, TrainingInterrupted) else
+                   "interrupted; re-run the same command to resume.", 130, False)
     except (CheckpointError, FloatingPointError, ValueError, FileNotFoundError, NotADirectoryError,
             PermissionError) as e:
         # Errors a user can cause carry a message naming the field/file and the fix; the
         # traceback would only bury it. SEQVIS_TRACEBACK=1 shows it anyway.
         if traceback:
             raise
-        _fail(str(e))
+        failure = (str(e), 1, True)
     except OSError as e:
         if traceback or e.errno not in (28, 122):  # ENOSPC, EDQUOT
             raise
-        _fail(f"{e.strerror}: {e.filename or ''}. Free some disk space, then re-run the same command to resume.")
+        failure = (f"{e.strerror}: {e.filename or ''}. Free some disk space, then re-run the same command to "
+                   "resume.", 1, True)
+    if failure is not None:
+        message, code, as_error = failure
+        if as_error:
+            _fail(message, code)
+        print(message, file=sys.stderr)
+        sys.exit(code)
     if results is not None:
         print(json.dumps({k: results[k] for k in results if not isinstance(results[k], (list, dict))}, indent=2))
         if "accuracy" in results:

@@ -129,6 +129,12 @@ def test_case1_nan_saves_no_frozen_state_and_resumes_from_last_good(idx_dir, dat
     for step in (3, 4):
         assert read_meta(workdir, step)["data_position"]["step"] == step
     assert_finite_tree(read_checkpoint_params(workdir))
+    # Resumed, and the very first step is bad again (here: the input is still broken; in practice a state
+    # that diverged before it was saved): the message says so instead of advising the same resume.
+    with pytest.raises(FloatingPointError, match=r"resumed from step 4 and its first step was not finite.*"
+                                                 r"new --workdir"):
+        train_and_evaluate(config, workdir)
+    assert ckpt_lib.Checkpointer(workdir).steps() == [3, 4]
 
     monkeypatch.setattr(pipeline, "train_iterator", real)  # the input is fixed: resume
     results = train_and_evaluate(config, workdir)
@@ -382,6 +388,26 @@ def test_case8_checkpoint_writer_echoes_are_dropped_on_the_console():
     assert out.returncode == 0, out.stderr
     assert "Event loop is closed" not in out.stderr
     assert "something else" in out.stderr  # other errors still show
+
+
+def test_error_after_the_input_started_exits_on_the_command_line(idx_dir, data_dir, tmp_path):
+    """An error raised once the input pipeline runs (labels checked on the first batch) must end the
+    process: tearing down a running tf.data stream with a Python generator during interpreter
+    shutdown used to hang it after printing the message."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = {"model.width": 32, "model.depth": 1, "model.mlp_dim": 64, "model.num_heads": 2, "batch_size": 32,
+            "total_steps": 4, "schedule.warmup_steps": 1, "progress": False, "data.idx_dir": idx_dir,
+            "data.data_dir": data_dir, "data.num_classes": 5}
+    cmd = [sys.executable, "-m", "seqvis.main", "--config=configs/vit.py", f"--workdir={tmp_path / 'w'}",
+           *[f"--config.{k}={v}" for k, v in args.items()]]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=dict(os.environ, PYTHONPATH=root),
+                         timeout=240)
+    assert out.returncode == 1, out.stderr
+    assert "error: config.data.num_classes=5, but the first training batch" in out.stderr
+    assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
 
 
 # ---------------------------------------------------------------------------- case 9 (and orbax errors once)

@@ -35,18 +35,16 @@ import functools
 import logging
 import math
 import os
+import threading
 from typing import Any, Iterator
 
 import numpy as np
 
 from seqvis.data import preprocess
 from seqvis.data.builders import LOCAL_BUILDERS, local_builder_class
+from seqvis.errors import DataError  # also importable from here, its old home
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A dataset that cannot be loaded; the message says how to fix it."""
 
 
 def _tf():
@@ -110,7 +108,7 @@ def _image_keys(builder) -> list[str]:
     return [k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image)]
 
 
-def _decoders(builder, pp_spec: str) -> dict | None:
+def decoders_for(builder, pp_spec: str) -> dict | None:
     """Skip tfds' decoding of images of any size when the pp ops decode them (decode late: after the crop
     is known, only the crop window of a JPEG). Images of a fixed shape are decoded by tfds as before (the
     ``decode`` op passes them through): nothing to gain, and they may be cached decoded."""
@@ -132,7 +130,7 @@ def _pp_defaults(builder) -> dict:
     return {"channels": int(c) if c else 3}
 
 
-def _as_dataset(builder, split: str, cfg: Any, decoders: dict | None = None):
+def as_dataset(builder, split: str, cfg: Any, decoders: dict | None = None):
     """The split in file order as a tf.data dataset (tfrecord files through tfds, array_record files through
     their data source: tfds cannot stream those with ``as_dataset``)."""
     tf = _tf()
@@ -172,7 +170,7 @@ def split_size(builder, split: str, cfg: Any) -> int:
     key = (builder.name, str(builder.data_dir), split)
     if key not in _COUNTED:
         log.info("The dataset info of %s has no size for split %r: counting it once.", builder.name, split)
-        _COUNTED[key] = sum(1 for _ in _as_dataset(builder, split, cfg))
+        _COUNTED[key] = sum(1 for _ in as_dataset(builder, split, cfg))
     return _COUNTED[key]
 
 
@@ -283,7 +281,7 @@ class MemorySource:
         key = (builder.name, str(builder.data_dir), split)
         if key not in _MEMORY or _mocked():
             _MEMORY.clear()  # at most one decoded split held
-            parts = list(_as_dataset(builder, split, cfg).batch(4096).as_numpy_iterator())
+            parts = list(as_dataset(builder, split, cfg).batch(4096).as_numpy_iterator())
             if not parts:
                 raise DataError(f"split {split!r} of {builder.name} is empty.")
             # Strings as fixed-width bytes: tf.data's generator input takes no multi-dimensional object arrays.
@@ -380,14 +378,19 @@ def shuffled_indices(positions: np.ndarray, n: int, seed: int) -> np.ndarray:
     return out
 
 
-def _indexed_stream(source, *, seed: int, start_step: int, global_batch: int, per_proc: int, pi: int):
-    """tf.data dataset of single examples, in stream order from ``start_step`` (this process's share)."""
+def _indexed_stream(source, *, seed: int, start_step: int, global_batch: int, per_proc: int, pi: int,
+                    stop: threading.Event):
+    """tf.data dataset of single examples, in stream order from ``start_step`` (this process's share).
+
+    The reads run in a Python generator inside tf.data; setting ``stop`` ends the stream, which
+    :func:`train_iterator` does before it lets go of the iterator (see there).
+    """
     tf = _tf()
     n = len(source)
 
     def gen():
         step = start_step
-        while True:
+        while not stop.is_set():
             pos = step * global_batch + pi * per_proc + np.arange(per_proc, dtype=np.int64)
             ex = source.read(shuffled_indices(pos, n, seed))
             ex["_seed"] = np.stack([np.full(per_proc, int(seed), np.int64), pos], axis=1)
@@ -404,7 +407,7 @@ def _sequential_stream(builder, split: str, cfg: Any, decoders, *, seed: int, st
     """Fallback without random access: this process's shard in a shuffle-buffer order; resume skips records."""
     tf = _tf()
     split = process_split(split, pi, pc)
-    base = _as_dataset(builder, split, cfg, decoders)
+    base = as_dataset(builder, split, cfg, decoders)
     n = split_size(builder, split, cfg)
     if n < per_proc:
         raise DataError(f"split {split!r} has {n} examples, fewer than one per-process batch ({per_proc}).")
@@ -461,14 +464,15 @@ def train_iterator(cfg: Any, *, global_batch_size: int, seed: int, start_step: i
     builder = get_builder(cfg)
     spec = cfg.get("pp_train", "decode")
     ops = preprocess.parse(spec, field="config.data.pp_train", defaults=_pp_defaults(builder)) + list(extra_ops)
-    decoders = _decoders(builder, spec)
+    decoders = decoders_for(builder, spec)
     source = source if source is not None else train_source(cfg, builder, split, decoders)
+    stop = threading.Event()
     if source is not None:
         if len(source) < global_batch_size:
             raise DataError(f"split {split!r} has {len(source)} examples, fewer than one batch "
                             f"(config.batch_size={global_batch_size}).")
         ds = _indexed_stream(source, seed=seed, start_step=start_step, global_batch=global_batch_size,
-                             per_proc=per_proc, pi=pi)
+                             per_proc=per_proc, pi=pi, stop=stop)
     else:
         ds = _sequential_stream(builder, split, cfg, decoders, seed=seed, start_step=start_step, per_proc=per_proc,
                                 pi=pi, pc=pc)
@@ -481,13 +485,26 @@ def train_iterator(cfg: Any, *, global_batch_size: int, seed: int, start_step: i
     alpha = float(mix.get("alpha", 0.0)) if mix else 0.0
     p = float(mix.get("p", 0.0)) if mix else 0.0
     step = start_step
-    for batch in ds.as_numpy_iterator():
-        if alpha > 0 and p > 0:
-            batch = preprocess.mixup(batch, seed=(int(seed), step), alpha=alpha, p=p,
-                                     num_classes=int(cfg.num_classes))
-        batch["mask"] = np.ones(per_proc, np.float32)
-        yield _to_devices(batch, nd)
-        step += 1
+    batches = ds.as_numpy_iterator()
+    try:
+        for batch in batches:
+            if alpha > 0 and p > 0:
+                batch = preprocess.mixup(batch, seed=(int(seed), step), alpha=alpha, p=p,
+                                         num_classes=int(cfg.num_classes))
+            batch["mask"] = np.ones(per_proc, np.float32)
+            yield _to_devices(batch, nd)
+            step += 1
+    finally:
+        # Destroying a tf.data iterator waits for its in-flight work while holding the GIL; a read in
+        # the Python generator waiting for the GIL then deadlocks the process (an error after the first
+        # batch hung instead of exiting). So the generator is told to stop and the stream drained first.
+        stop.set()
+        if source is not None:  # (the sequential stream has no Python generator, and no end)
+            try:
+                for _ in batches:
+                    pass
+            except Exception:  # noqa: BLE001  at interpreter exit the reads fail fast instead: nothing waits
+                pass
 
 
 def eval_iterator(cfg: Any, *, global_batch_size: int, split: str | None = None,
@@ -505,7 +522,7 @@ def eval_iterator(cfg: Any, *, global_batch_size: int, split: str | None = None,
     builder = get_builder(cfg)
     spec = cfg.get("pp_eval", "decode")
     ops = preprocess.parse(spec, field="config.data.pp_eval", defaults=_pp_defaults(builder)) + list(extra_ops)
-    ds = _as_dataset(builder, process_split(split, pi, pc), cfg, _decoders(builder, spec))
+    ds = as_dataset(builder, process_split(split, pi, pc), cfg, decoders_for(builder, spec))
     ds = ds.map(lambda ex: preprocess.apply(ops, {**ex, "_seed": tf.constant([0, 0], tf.int64)}),
                 num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(per_proc).prefetch(2)

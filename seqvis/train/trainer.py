@@ -319,6 +319,14 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
                  if good else
                  "No checkpoint was written before it, so a re-run starts from scratch. Lower "
                  "config.schedule.base_lr, set config.optimizer.grad_clip_norm, or check the inputs for NaN.")
+        if good and start_step > 0 and bad == start_step and good[-1] == start_step:
+            # The first step after resuming was already bad: the saved state itself has (nearly) diverged
+            # (finite but huge parameters), so a lower learning rate from the same checkpoint cannot help.
+            where = (f"This run resumed from step {start_step} and its first step was not finite: the state saved "
+                     f"at step {start_step} has diverged already (finite, but its loss or gradient overflows), or "
+                     "the input is bad (check it for NaN). A lower learning rate from the same checkpoint does not "
+                     "undo divergence: start again in a new --workdir with a lower config.schedule.base_lr (or "
+                     f"config.optimizer.grad_clip_norm > 0). The checkpoints in {ckpt.directory} are kept.")
         return FloatingPointError(f"Non-finite loss or gradient at step {bad + 1}; training stopped. {where}")
 
     def save(step_done: int, state_) -> None:
@@ -344,6 +352,7 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
         done = step + 1
         run["step"] = done
         if stop_at_step is not None and done >= stop_at_step:
+            it.close()
             jax.block_until_ready(state)
             ckpt.close()
             writer.close()
@@ -369,6 +378,7 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
             ev = evaluate(task, driver, state, config, data_lib)
             writer.write(done, ev, prefix="eval/")
     progress.close()
+    it.close()  # the input pipeline stops (and frees its buffers) before the final evaluation
     jax.block_until_ready(state)
     ckpt.wait()  # the last checkpoint is complete (or its failure reported) before the results
     seconds = train_seconds()
