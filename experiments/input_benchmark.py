@@ -97,7 +97,7 @@ def resume_cost(data_dir: str) -> list[dict]:
 
                 tf.data.Dataset.skip = counting_skip
             t0 = time.time()
-            src = pipeline.train_source(cfg, builder, "train", pipeline._decoders(builder, cfg.pp_train))
+            src = pipeline.train_source(cfg, builder, "train", pipeline.decoders_for(builder, cfg.pp_train))
             it = pipeline.train_iterator(cfg, global_batch_size=BATCH, seed=0, start_step=start,
                                          local_device_count=1, source=src)
             next(it)

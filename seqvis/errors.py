@@ -17,6 +17,10 @@ class VocabularyError(ValueError):
     """A vocabulary file that cannot be used; the message says what to do."""
 
 
+class DataError(ValueError):
+    """A dataset that cannot be loaded or read as configured; the message names the dataset/field and the fix."""
+
+
 class IdxError(ValueError):
     """An IDX (MNIST-format) file that is truncated, corrupt or empty; the message names the file."""
 

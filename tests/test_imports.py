@@ -36,18 +36,12 @@ PLOTTING = ("matplotlib",)
 # Known debts in files other people are editing, keyed (importing module, imported module or
 # 'module._name'). The test fails when one is paid (remove it here) as well as on any new one.
 PENDING_NESTED = {
-    ("seqvis.data.preprocess", "seqvis.data.randaugment"),
     ("seqvis.train.tasks", "seqvis.models.vit"),
     ("seqvis.train.tasks", "seqvis.models.resnet"),
     ("seqvis.train.tasks", "seqvis.train.step"),
     ("seqvis.train.tasks", "seqvis.train.precision"),
-    ("seqvis.train.video", "seqvis.data.preprocess"),
 }
-PENDING_PRIVATE = {
-    ("seqvis.data.video_ops", "seqvis.data.preprocess._seed"),
-    ("seqvis.data.video_ops", "seqvis.data.preprocess._tf"),
-    ("seqvis.train.captioning", "seqvis.data.preprocess._seed"),
-}
+PENDING_PRIVATE: set = set()
 
 
 class Import(NamedTuple):

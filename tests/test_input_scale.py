@@ -99,7 +99,7 @@ def test_cache_policy_from_the_dataset_info(cfg, tmp_path):
 
 def test_first_batch_without_counting_pass_and_images_decoded_late(cfg, monkeypatch):
     b = pipeline.get_builder(cfg)
-    decoders = pipeline._decoders(b, cfg.pp_train)
+    decoders = pipeline.decoders_for(b, cfg.pp_train)
     assert isinstance(decoders["image"], tfds.decode.SkipDecoding)
     src = pipeline.train_source(cfg, b, "train", decoders)
     assert isinstance(src, pipeline.RecordSource)
@@ -116,7 +116,7 @@ def test_first_batch_without_counting_pass_and_images_decoded_late(cfg, monkeypa
 
 def test_resume_mid_epoch_is_exact_and_reads_one_batch(cfg):
     c = small(cfg)
-    src = pipeline.train_source(c, pipeline.get_builder(c), "train", pipeline._decoders(pipeline.get_builder(c), c.pp_train))
+    src = pipeline.train_source(c, pipeline.get_builder(c), "train", pipeline.decoders_for(pipeline.get_builder(c), c.pp_train))
     run = stream(c, 0, 30, source=src)  # 1.5 epochs
     epoch0 = sum((ids(b) for b in run[:20]), [])
     assert sorted(epoch0) == list(range(N_TRAIN))  # every example once per epoch
@@ -162,7 +162,7 @@ def test_resize_small_keeps_the_aspect_ratio(cfg):
     # Shapes over the real set: shorter side 256, the other scaled by the same factor (rounded).
     b = pipeline.get_builder(cfg)
     ops = preprocess.parse("decode|resize_small(256)", defaults={"channels": 3})
-    ds = pipeline._as_dataset(b, "validation", cfg, pipeline._decoders(b, "decode")).take(12)
+    ds = pipeline.as_dataset(b, "validation", cfg, pipeline.decoders_for(b, "decode")).take(12)
     for ex in ds:
         h, w = tf.io.decode_image(ex["image"], channels=3).shape[:2]
         out = preprocess.apply(ops, ex)["image"].numpy()
@@ -177,7 +177,7 @@ def test_resize_small_keeps_the_aspect_ratio(cfg):
 
 def test_fused_decode_and_crop_equals_decode_then_crop(cfg):
     b = pipeline.get_builder(cfg)
-    ds = pipeline._as_dataset(b, "validation", cfg, pipeline._decoders(b, "decode")).take(8)
+    ds = pipeline.as_dataset(b, "validation", cfg, pipeline.decoders_for(b, "decode")).take(8)
     fused = preprocess.parse("decode_jpeg_and_inception_crop(96)", defaults={"channels": 3})
     crop = preprocess.parse("inception_crop(96)")
     for i, ex in enumerate(ds):
@@ -202,7 +202,7 @@ def test_memory_and_random_access_sources_give_the_same_batches(tmp_path):
     b = pipeline.get_builder(c)
     memory = pipeline.train_source(c, b, "train", None)
     c.cache = "none"
-    records = pipeline.train_source(c, b, "train", pipeline._decoders(b, c.pp_train))
+    records = pipeline.train_source(c, b, "train", pipeline.decoders_for(b, c.pp_train))
     assert isinstance(memory, pipeline.MemorySource) and isinstance(records, pipeline.RecordSource)
     for src_a, src_b in ((memory, records),):
         for x, y in zip(stream(c, 3, 4, source=src_a), stream(c, 3, 4, source=src_b)):
@@ -264,6 +264,6 @@ def test_imagenet_recipes_never_cache_decoded_images(tmp_path):
         with tfds.testing.mock_data(num_examples=8):
             b = pipeline.get_builder(c)
             assert pipeline.cache_plan(b, c.train_split, c) == (False, "config.data.cache='none'")
-            assert isinstance(pipeline._decoders(b, c.pp_train)["image"], tfds.decode.SkipDecoding)
+            assert isinstance(pipeline.decoders_for(b, c.pp_train)["image"], tfds.decode.SkipDecoding)
             batch = next(pipeline.train_iterator(c, global_batch_size=8, seed=0, local_device_count=1))
         assert batch["image"].shape == (1, 8, 224, 224, 3) and batch["image"].dtype == np.float32

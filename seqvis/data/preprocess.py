@@ -56,7 +56,8 @@ def register(name: str):
     return deco
 
 
-def _tf():
+def tf_module():
+    """TensorFlow, imported when the first op runs (deferred on purpose: the ops run inside tf.data)."""
     import tensorflow as tf
 
     return tf
@@ -104,15 +105,17 @@ def apply(ops: list[Callable[[dict], dict]], ex: dict) -> dict:
     for i, op in enumerate(ops):
         ex = dict(ex)
         if "_seed" in ex:  # a distinct stream per op position
-            tf = _tf()
+            tf = tf_module()
             ex["_op_seed"] = tf.random.experimental.stateless_fold_in(tf.cast(ex["_seed"], tf.int64), i)
         ex = op(ex)
     ex.pop("_op_seed", None)
     return ex
 
 
-def _seed(ex, salt: int = 0):
-    tf = _tf()
+def example_seed(ex, salt: int = 0):
+    """The stateless seed of a random op for this example: the pipeline's ``ex['_seed']`` (or the
+    per-op ``_op_seed`` RandAugment sets), folded with ``salt``."""
+    tf = tf_module()
     s = ex.get("_op_seed", ex.get("_seed"))
     if s is None:
         raise ValueError("random preprocessing op used without a per-example seed")
@@ -129,7 +132,7 @@ def _image_op(fn):
 
 def _resize(img, hw, method: str = "bilinear", antialias: bool = False):
     """``tf.image.resize`` that keeps uint8 images uint8 (rounded and clipped, not truncated)."""
-    tf = _tf()
+    tf = tf_module()
     out = tf.image.resize(img, hw, method=method, antialias=antialias)
     if img.dtype == tf.uint8:
         return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
@@ -151,7 +154,7 @@ def decode(channels: int | None = None):
     """
 
     def fn(img, ex):
-        tf = _tf()
+        tf = tf_module()
         if img.dtype == tf.string:
             img = tf.io.decode_image(img, channels=channels or 0, expand_animations=False)
         return img
@@ -175,7 +178,7 @@ def resize_small(size: int, method: str = "area", antialias: bool = False):
     """Shorter side to ``size``, the aspect ratio kept (sides rounded to the nearest pixel)."""
 
     def fn(img, ex):
-        tf = _tf()
+        tf = tf_module()
         hw = tf.cast(tf.shape(img)[:2], tf.float32)
         new = tf.cast(tf.round(hw * (float(size) / tf.reduce_min(hw))), tf.int32)
         out = _resize(img, new, method, antialias)
@@ -190,11 +193,11 @@ def random_crop(size, pad: int = 0):
     h, w = (size, size) if isinstance(size, int) else size
 
     def fn(img, ex):
-        tf = _tf()
+        tf = tf_module()
         if pad:
             img = tf.pad(img, [[pad, pad], [pad, pad], [0, 0]])
         c = img.shape[-1] if img.shape[-1] is not None else tf.shape(img)[-1]
-        out = tf.image.stateless_random_crop(img, tf.stack([h, w, c]), seed=_seed(ex))
+        out = tf.image.stateless_random_crop(img, tf.stack([h, w, c]), seed=example_seed(ex))
         return tf.ensure_shape(out, [h, w, img.shape[-1]])
 
     return _image_op(fn)
@@ -205,7 +208,7 @@ def central_crop(size):
     h, w = (size, size) if isinstance(size, int) else size
 
     def fn(img, ex):
-        tf = _tf()
+        tf = tf_module()
         s = tf.shape(img)
         top, left = (s[0] - h) // 2, (s[1] - w) // 2
         return img[top:top + h, left:left + w]
@@ -216,9 +219,9 @@ def central_crop(size):
 def _inception_window(shape, ex, area_min, area_max, ratio_min, ratio_max):
     """A random crop window ``(begin, size)`` of an image of ``shape`` ``[H, W, C]`` (Inception/GoogLeNet:
     area in [area_min, area_max] % of the image, aspect ratio in [ratio_min, ratio_max])."""
-    tf = _tf()
+    tf = tf_module()
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape, tf.zeros([0, 0, 4], tf.float32), seed=_seed(ex), area_range=(area_min / 100, area_max / 100),
+        shape, tf.zeros([0, 0, 4], tf.float32), seed=example_seed(ex), area_range=(area_min / 100, area_max / 100),
         aspect_ratio_range=(ratio_min, ratio_max), min_object_covered=0, use_image_if_no_bounding_boxes=True)
     return begin, size
 
@@ -229,7 +232,7 @@ def inception_crop(size, area_min: float = 5, area_max: float = 100, ratio_min: 
     h, w = (size, size) if isinstance(size, int) else size
 
     def fn(img, ex):
-        tf = _tf()
+        tf = tf_module()
         begin, crop_size = _inception_window(tf.shape(img), ex, area_min, area_max, ratio_min, ratio_max)
         crop = tf.slice(img, begin, crop_size)
         crop.set_shape([None, None, img.shape[-1]])  # keep the static channel count
@@ -255,7 +258,7 @@ def decode_jpeg_and_inception_crop(size, area_min: float = 5, area_max: float = 
     window = (area_min, area_max, ratio_min, ratio_max)
 
     def fn(img, ex):
-        tf = _tf()
+        tf = tf_module()
         if img.dtype != tf.string:
             begin, crop_size = _inception_window(tf.shape(img), ex, *window)
             crop = tf.slice(img, begin, crop_size)
@@ -280,7 +283,7 @@ def decode_jpeg_and_inception_crop(size, area_min: float = 5, area_max: float = 
 @register("flip_lr")
 def flip_lr():
     def fn(img, ex):
-        return _tf().image.stateless_random_flip_left_right(img, seed=_seed(ex))
+        return tf_module().image.stateless_random_flip_left_right(img, seed=example_seed(ex))
 
     return _image_op(fn)
 
@@ -288,7 +291,7 @@ def flip_lr():
 @register("value_range")
 def value_range(vmin: float = -1.0, vmax: float = 1.0, in_min: float = 0.0, in_max: float = 255.0):
     def fn(img, ex):
-        tf = _tf()
+        tf = tf_module()
         x = tf.cast(img, tf.float32)
         return vmin + (x - in_min) * (vmax - vmin) / (in_max - in_min)
 
@@ -298,7 +301,7 @@ def value_range(vmin: float = -1.0, vmax: float = 1.0, in_min: float = 0.0, in_m
 @register("normalize")
 def normalize(mean, std):
     def fn(img, ex):
-        tf = _tf()
+        tf = tf_module()
         return (tf.cast(img, tf.float32) - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
     return _image_op(fn)
@@ -307,7 +310,7 @@ def normalize(mean, std):
 @register("grayscale_to_rgb")
 def grayscale_to_rgb():
     def fn(img, ex):
-        tf = _tf()
+        tf = tf_module()
         return tf.cond(tf.shape(img)[-1] == 1, lambda: tf.image.grayscale_to_rgb(img), lambda: img)
 
     return _image_op(fn)
@@ -316,7 +319,7 @@ def grayscale_to_rgb():
 @register("onehot")
 def onehot(num_classes: int, key: str = "label", key_result: str = "labels", on: float = 1.0, off: float = 0.0):
     def op(ex):
-        tf = _tf()
+        tf = tf_module()
         ex[key_result] = tf.one_hot(ex[key], num_classes, on_value=on, off_value=off)
         return ex
 
@@ -333,10 +336,10 @@ def keep(*keys):
 
 @register("randaugment")
 def randaugment(num_layers: int = 2, magnitude: int = 10):
-    from seqvis.data import randaugment as ra
+    from seqvis.data import randaugment as ra  # deferred on purpose: it imports TensorFlow at its top
 
     def fn(img, ex):
-        return ra.randaugment(img, num_layers, magnitude, _seed(ex))
+        return ra.randaugment(img, num_layers, magnitude, example_seed(ex))
 
     return _image_op(fn)
 

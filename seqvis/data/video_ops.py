@@ -15,7 +15,7 @@ with zero frames after them. Importing this module registers::
     video_value_range(vmin=-1, vmax=1, in_min=0, in_max=255)
 
 Random ops draw from ``tf.random.stateless_*`` with the per-example seed of the pipeline
-(see :func:`seqvis.data.preprocess._seed`), so they are deterministic and resumable.
+(see :func:`seqvis.data.preprocess.example_seed`), so they are deterministic and resumable.
 ``label_map`` turns label-changing transforms into valid augmentations: on the moving-item
 clips, playing backwards maps *left* to *right* (``REVERSED_LABEL``) and mirroring maps
 *left* to *right* and *clockwise* to *anticlockwise* (``FLIP_LR_LABEL``).
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from seqvis.data.preprocess import _seed, _tf, register
+from seqvis.data.preprocess import example_seed, register, tf_module
 
 
 def _pair(size) -> tuple[int, int]:
@@ -33,7 +33,7 @@ def _pair(size) -> tuple[int, int]:
 
 
 def _length(ex, video):
-    tf = _tf()
+    tf = tf_module()
     if "length" in ex:
         return tf.cast(ex["length"], tf.int32)
     return tf.shape(video)[0]
@@ -43,7 +43,7 @@ def _map_label(ex, label_map: Sequence[int] | None, apply):
     """``label_map[label]`` where ``apply`` (a bool tensor), else the label unchanged."""
     if label_map is None or "label" not in ex:
         return ex
-    tf = _tf()
+    tf = tf_module()
     label = ex["label"]
     mapped = tf.gather(tf.constant(list(label_map), label.dtype), label)
     ex["label"] = tf.where(apply, mapped, label)
@@ -63,12 +63,12 @@ def sample_frames(num_frames: int, stride: int = 1, random: bool = False):
     span = (num_frames - 1) * stride + 1
 
     def op(ex):
-        tf = _tf()
+        tf = tf_module()
         video = ex["video"]
         n = _length(ex, video)
         room = tf.maximum(n - span, 0)
         if random:
-            start = tf.random.stateless_uniform([], _seed(ex), 0, room + 1, dtype=tf.int32)
+            start = tf.random.stateless_uniform([], example_seed(ex), 0, room + 1, dtype=tf.int32)
         else:
             start = room // 2
         idx = start + tf.range(num_frames, dtype=tf.int32) * stride
@@ -93,10 +93,10 @@ def reverse_time(p: float = 1.0, label_map: Sequence[int] | None = None):
         raise ValueError(f"reverse_time(p={p}) must have 0 <= p <= 1.")
 
     def op(ex):
-        tf = _tf()
+        tf = tf_module()
         video = ex["video"]
         n = _length(ex, video)
-        apply = tf.constant(True) if p >= 1.0 else tf.random.stateless_uniform([], _seed(ex)) < p
+        apply = tf.constant(True) if p >= 1.0 else tf.random.stateless_uniform([], example_seed(ex)) < p
         rev = tf.reverse_sequence(video[None], tf.reshape(tf.cast(n, tf.int64), [1]), seq_axis=1, batch_axis=0)[0]
         ex["video"] = tf.where(apply, rev, video)
         return _map_label(ex, label_map, apply)
@@ -109,7 +109,7 @@ def video_resize(size, method: str = "bilinear"):
     h, w = _pair(size)
 
     def op(ex):
-        tf = _tf()
+        tf = tf_module()
         video = ex["video"]
         out = tf.image.resize(video, (h, w), method=method)  # [T, H, W, C] is a batch of frames
         if video.dtype == tf.uint8:
@@ -126,12 +126,12 @@ def video_random_crop(size, pad: int = 0):
     h, w = _pair(size)
 
     def op(ex):
-        tf = _tf()
+        tf = tf_module()
         video = ex["video"]
         if pad:
             video = tf.pad(video, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
         s = tf.shape(video)
-        out = tf.image.stateless_random_crop(video, tf.stack([s[0], h, w, s[3]]), seed=_seed(ex))
+        out = tf.image.stateless_random_crop(video, tf.stack([s[0], h, w, s[3]]), seed=example_seed(ex))
         ex["video"] = tf.ensure_shape(out, [video.shape[0], h, w, video.shape[-1]])
         return ex
 
@@ -143,7 +143,7 @@ def video_central_crop(size):
     h, w = _pair(size)
 
     def op(ex):
-        tf = _tf()
+        tf = tf_module()
         video = ex["video"]
         s = tf.shape(video)
         top, left = (s[1] - h) // 2, (s[2] - w) // 2
@@ -159,8 +159,8 @@ def video_flip_lr(label_map: Sequence[int] | None = None):
     """Mirror every frame of the clip left-right with probability 1/2 (relabel with ``label_map``)."""
 
     def op(ex):
-        tf = _tf()
-        apply = tf.random.stateless_uniform([], _seed(ex)) < 0.5
+        tf = tf_module()
+        apply = tf.random.stateless_uniform([], example_seed(ex)) < 0.5
         ex["video"] = tf.where(apply, tf.reverse(ex["video"], axis=[2]), ex["video"])
         return _map_label(ex, label_map, apply)
 
@@ -173,7 +173,7 @@ def video_value_range(vmin: float = -1.0, vmax: float = 1.0, in_min: float = 0.0
     whatever they map to, so that nothing distinguishes them from "no frame"."""
 
     def op(ex):
-        tf = _tf()
+        tf = tf_module()
         video = ex["video"]
         x = vmin + (tf.cast(video, tf.float32) - in_min) * (vmax - vmin) / (in_max - in_min)
         if "length" in ex:
@@ -193,7 +193,7 @@ def finalize(num_frames: int, shape: Sequence[int]):
     """
 
     def op(ex):
-        tf = _tf()
+        tf = tf_module()
         video = ex["video"]
         out = {k: v for k, v in ex.items() if k.startswith("_")}
         out["length"] = _length(ex, video)

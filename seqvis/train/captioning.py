@@ -47,6 +47,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from seqvis.data import pipeline as data_pipeline
+from seqvis.data.preprocess import example_seed
 from seqvis.data.tokenizer import Tokenizer
 from seqvis.errors import ConfigError, VocabularyError
 from seqvis.evaluation import grounding
@@ -292,14 +293,12 @@ class CaptioningTask(Task):
         def op(ex):
             import tensorflow as tf  # deferred on purpose: runs inside tf.data only
 
-            from seqvis.data.preprocess import _seed  # TODO(issue 16): a public example_seed in preprocess
-
             texts = caption_texts(ex)
             n = tf.shape(texts)[0]
             out = {k: v for k, v in ex.items() if k.startswith("_")}
             out["image"] = ex["image"]
             if train:
-                i = tf.random.stateless_uniform([], seed=_seed(ex), minval=0, maxval=tf.maximum(n, 1), dtype=tf.int32)
+                i = tf.random.stateless_uniform([], seed=example_seed(ex), minval=0, maxval=tf.maximum(n, 1), dtype=tf.int32)
                 text = tf.concat([texts, [""]], axis=0)[i]  # no caption at all -> "<bos> <eos>"
                 out["tokens"] = tf.ensure_shape(tok.tf_encode(text, max_len), [max_len])
             else:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqvis.data import preprocess
 from seqvis.data import video_ops  # noqa: F401  (registers the video pp ops)
 from seqvis.errors import ConfigError
 from seqvis.models.video import VideoClassifier
@@ -129,8 +130,6 @@ class VideoTask(Task):
         """Check the data against the config before anything is compiled: class count and the
         shape of one preprocessed test clip."""
         del workdir
-        from seqvis.data import preprocess
-
         cfg = self.config.data
         builder = data_lib.get_builder(cfg)
         label = builder.info.features["label"] if "label" in builder.info.features else None
@@ -142,7 +141,7 @@ class VideoTask(Task):
             raise ConfigError(f"config.data.name={cfg.name!r} has no 'video' feature; the video task needs clips.")
         ops = preprocess.parse(cfg.get("pp_eval", ""), field="config.data.pp_eval")
         split = cfg.get("eval_split", "test")
-        ds = data_lib._as_dataset(builder, split, cfg).take(1)
+        ds = data_lib.as_dataset(builder, split, cfg).take(1)
         for ex in ds:
             import tensorflow as tf
 
