@@ -98,7 +98,7 @@ def mock_without_decoders(monkeypatch):
     Decoding late is tested on real JPEG records in test_input_scale.py."""
     from seqvis.data import pipeline
 
-    monkeypatch.setattr(pipeline, "_decoders", lambda builder, spec: None)
+    monkeypatch.setattr(pipeline, "decoders_for", lambda builder, spec: None)
 
 
 @pytest.mark.parametrize("path,arg", list(cases()))
