@@ -16,16 +16,9 @@ import sys
 import textwrap
 
 import pytest
+from test_multihost import _env  # a subprocess environment with N simulated CPU devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _env(devices):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _plan(*args, devices=4):
