@@ -158,6 +158,11 @@ def process_split(split: str, process_index: int, process_count: int) -> str:
 _COUNTED: dict[tuple, int] = {}
 
 
+def _split_key(builder, split: str) -> tuple:
+    """What names a prepared split within this process (memoised counts, the in-memory cache)."""
+    return builder.name, str(builder.data_dir), split
+
+
 def split_size(builder, split: str, cfg: Any) -> int:
     """Examples in ``split``, from the dataset info; counted (once per process) only when the info has no
     sizes, as with tfds mock data."""
@@ -167,7 +172,7 @@ def split_size(builder, split: str, cfg: Any) -> int:
         pass
     except ValueError as e:
         raise DataError(f"config.data split {split!r} is not a split of {builder.name}: {e}") from e
-    key = (builder.name, str(builder.data_dir), split)
+    key = _split_key(builder, split)
     if key not in _COUNTED:
         log.info("The dataset info of %s has no size for split %r: counting it once.", builder.name, split)
         _COUNTED[key] = sum(1 for _ in as_dataset(builder, split, cfg))
@@ -278,7 +283,7 @@ class MemorySource:
 
     def __init__(self, builder, split: str, cfg: Any):
         tf = _tf()
-        key = (builder.name, str(builder.data_dir), split)
+        key = _split_key(builder, split)
         if key not in _MEMORY or _mocked():
             _MEMORY.clear()  # at most one decoded split held
             parts = list(as_dataset(builder, split, cfg).batch(4096).as_numpy_iterator())
