@@ -7,7 +7,7 @@ import pytest
 
 from seqvis.models import transformer as tr
 from seqvis.models import vit
-from seqvis.models.common import count_params
+from seqvis.models.common import count_params, pair
 
 # Published sizes at 224 px, 1000 classes, class token, learned posemb, no pre-logits.
 PUBLISHED = {
@@ -87,7 +87,7 @@ def test_forward_shapes(kw):
     params = model.init(jax.random.PRNGKey(0), x)
     logits, tokens = model.apply(params, x, return_features=True)
     assert logits.shape == (3, 10)
-    ph, pw = vit._pair(model.patch_size)
+    ph, pw = pair(model.patch_size)
     n = (28 // ph) * (28 // pw) + (0 if model.pool == "gap" else 1)
     assert tokens.shape == (3, n, 32)
     assert np.all(np.isfinite(logits))

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 import jax
 import jax.extend.core  # noqa: F401 - jax.extend.core.ClosedJaxpr / jaxpr_as_fun
 
+from seqvis.models.common import pair
+
 log = logging.getLogger(__name__)
 
 TRAIN_FLOPS_PER_FORWARD = 3.0  # forward + backward (2x forward)
@@ -99,10 +101,6 @@ def forward_flops_per_example(model: Any, variables: dict, inputs: Sequence[Any]
     return (total + missed) / inputs[0].shape[0]
 
 
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 def vit_flops_breakdown(*, image_shape: Sequence[int], patch_size: int | Sequence[int], width: int, depth: int,
                         mlp_dim: int | None = None, num_classes: int | None = 1000, pool: str = "token",
                         representation_size: int | None = None) -> dict[str, float]:
@@ -116,7 +114,7 @@ def vit_flops_breakdown(*, image_shape: Sequence[int], patch_size: int | Sequenc
       head        2·D·R (pre-logits) + 2·(R or D)·K
     """
     h, w, c = (int(x) for x in image_shape)
-    ph, pw = _pair(patch_size)
+    ph, pw = pair(patch_size)
     if h % ph or w % pw:
         raise ValueError(f"patch size {(ph, pw)} does not divide the image {(h, w)}.")
     n = (h // ph) * (w // pw)

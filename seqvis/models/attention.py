@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seqvis.models.common import lengths_to_valid  # noqa: F401 - the padding masks' input, importable here too
+
 Array = jax.Array
 Dtype = Any
 
@@ -49,11 +51,6 @@ def make_padding_mask(query_valid: Array, key_valid: Array | None = None) -> Arr
     key_valid = jnp.asarray(key_valid, bool)
     lq = query_valid.shape[-1]
     return jnp.broadcast_to(key_valid[:, None, None, :], key_valid.shape[:1] + (1, lq) + key_valid.shape[1:])
-
-
-def lengths_to_valid(lengths: Array, max_length: int) -> Array:
-    """Per-example lengths ``[batch]`` -> validity ``[batch, max_length]`` (True for t < length)."""
-    return jnp.arange(max_length)[None, :] < jnp.asarray(lengths)[:, None]
 
 
 def combine_masks(*masks: Array | None) -> Array | None:

@@ -1,13 +1,29 @@
-"""Small helpers shared by the models: parameter counting without allocating memory."""
+"""Small helpers shared by the models: lengths -> validity masks, int-or-pair sizes, parameter counting
+without allocating memory."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def lengths_to_valid(lengths: jax.Array, max_length: int) -> jax.Array:
+    """Per-example lengths ``[batch]`` -> validity ``[batch, max_length]`` (True for t < length)."""
+    return jnp.arange(max_length)[None, :] < jnp.asarray(lengths)[:, None]
+
+
+def pair(v: int | Sequence[int]) -> tuple[int, int]:
+    """A size given as one int (square) or as ``(height, width)`` -> ``(height, width)``."""
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(a) for a in v)
+    if len(v) != 2:
+        raise ValueError(f"expected an int or a pair, got {v}")
+    return v  # type: ignore[return-value]
 
 
 def num_params(tree: Any) -> int:

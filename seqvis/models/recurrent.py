@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
+from seqvis.models.common import lengths_to_valid
+
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
@@ -405,7 +407,7 @@ class Recurrent(nn.Module):
             lengths = jnp.asarray(lengths)
             if lengths.shape != (batch,):
                 raise ValueError(f"Recurrent: lengths must have shape [batch]=({batch},); got {lengths.shape}.")
-            valid = jnp.arange(steps)[None, :] < lengths[:, None]  # [batch, T]
+            valid = lengths_to_valid(lengths, steps)  # [batch, T]
 
             def step(cell, carry, x, ok):
                 new_carry, y = cell(carry, x)

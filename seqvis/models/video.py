@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from seqvis.models import vit
 from seqvis.models.attention import make_padding_mask
+from seqvis.models.common import lengths_to_valid
 from seqvis.models.recurrent import StackedRNN
 from seqvis.models.resnet import ResNetEncoder
 from seqvis.models.transformer import Encoder
@@ -49,11 +50,6 @@ Dtype = Any
 TEMPORAL_MODELS = ("mean", "lstm", "gru", "transformer", "tconv")
 BACKBONES = ("cnn", "resnet", "vit")
 POOLS = ("flatten", "gap")
-
-
-def valid_mask(lengths: Array, num_frames: int) -> Array:
-    """``[B]`` lengths -> ``[B, T]`` boolean, True for real frames ``t < length``."""
-    return jnp.arange(num_frames)[None, :] < jnp.asarray(lengths)[:, None]
 
 
 def masked_mean(x: Array, valid: Array) -> Array:
@@ -325,7 +321,7 @@ class VideoClassifier(nn.Module):
             lengths = jnp.full((b,), t, jnp.int32)
         elif lengths.shape != (b,):
             raise ValueError(f"lengths must have shape [batch]=({b},), got {lengths.shape}.")
-        valid = valid_mask(lengths, t)
+        valid = lengths_to_valid(lengths, t)  # [B, T], True for real frames t < length
         det = not train
 
         f = FrameEncoder(backbone=self.backbone, backbone_kwargs=self.backbone_kwargs, pool=self.pool,

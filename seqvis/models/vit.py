@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqvis.models.common import pair
 from seqvis.models.resnet import ResNetEncoder  # the trunk of the hybrids
 from seqvis.models.transformer import Encoder
 
@@ -71,15 +72,6 @@ HYBRID_TRUNKS: dict[str, dict[int, tuple[int, ...]]] = {
 
 POOLS = ("token", "gap")
 POSEMBS = ("learned", "sincos2d")
-
-
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(int(a) for a in v)
-    if len(v) != 2:
-        raise ValueError(f"expected an int or a pair, got {v}")
-    return v  # type: ignore[return-value]
 
 
 def sincos_2d_posemb(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
@@ -152,23 +144,23 @@ class ViT(nn.Module):
             raise ValueError(f"ViT pool={self.pool!r} is unknown; use one of {POOLS}.")
         if self.posemb not in POSEMBS:
             raise ValueError(f"ViT posemb={self.posemb!r} is unknown; use one of {POSEMBS}.")
-        if min(_pair(self.patch_size)) < 1:
+        if min(pair(self.patch_size)) < 1:
             raise ValueError(f"ViT patch_size={self.patch_size} must be positive.")
 
     def stride(self) -> tuple[int, int]:
         """Total downsampling from pixels to tokens (patch size × hybrid trunk stride)."""
-        ph, pw = _pair(self.patch_size)
+        ph, pw = pair(self.patch_size)
         # ImageNet stem (stride 4), then every stage after the first halves the map.
         trunk = 4 * 2 ** (len(self.hybrid_stages) - 1) if self.hybrid_stages else 1
         return ph * trunk, pw * trunk
 
     def check_image_size(self, image_size: int | Sequence[int]) -> None:
         """Raise a clear ValueError if the image cannot be cut into whole patches."""
-        h, w = _pair(image_size)
+        h, w = pair(image_size)
         sh, sw = self.stride()
         if h % sh or w % sw:
-            what = f"patch size {_pair(self.patch_size)}" + (
-                f" times the hybrid trunk stride {sh // _pair(self.patch_size)[0]}" if self.hybrid_stages else "")
+            what = f"patch size {pair(self.patch_size)}" + (
+                f" times the hybrid trunk stride {sh // pair(self.patch_size)[0]}" if self.hybrid_stages else "")
             raise ValueError(
                 f"Image size {(h, w)} is not divisible by the {what}. Resize the images "
                 f"(e.g. a 'resize({(h // sh) * sh or sh})' preprocessing op) or choose a patch size "
@@ -176,7 +168,7 @@ class ViT(nn.Module):
             )
 
     def num_tokens(self, image_size: int | Sequence[int]) -> int:
-        h, w = _pair(image_size)
+        h, w = pair(image_size)
         sh, sw = self.stride()
         return (h // sh) * (w // sw) + (1 if self.pool == "token" else 0)
 
@@ -194,7 +186,7 @@ class ViT(nn.Module):
                               width=self.hybrid_width, dtype=self.dtype,
                               param_dtype=self.param_dtype, name="ResNet")(x, train=train)
 
-        ph, pw = _pair(self.patch_size)
+        ph, pw = pair(self.patch_size)
         x = nn.Conv(self.width, (ph, pw), strides=(ph, pw), padding="VALID", dtype=self.dtype,
                     param_dtype=self.param_dtype, name="embedding")(x)
         b, gh, gw, d = x.shape
@@ -284,7 +276,7 @@ def build(name: str, num_classes: int | None = 1000, image_size: int | Sequence[
         raise ValueError(f"Unknown ViT field(s) {sorted(unknown)}; valid fields: {sorted(fields)}.")
     kw.update(overrides)
     if "patch_size" in kw:
-        kw["patch_size"] = _pair(kw["patch_size"])
+        kw["patch_size"] = pair(kw["patch_size"])
     model = ViT(num_classes=num_classes, **kw)
     model.check_config()
     if image_size is not None:
@@ -335,7 +327,7 @@ def resample_posemb(posemb: Array, new_grid: int | Sequence[int], num_prefix_tok
             f"posemb has {grid.shape[1]} grid tokens after {num_prefix_tokens} prefix tokens, "
             "which is not a square grid; pass num_prefix_tokens explicitly."
         )
-    gh, gw = _pair(new_grid)
+    gh, gw = pair(new_grid)
     d = grid.shape[-1]
     zy, zx = _linear_zoom_matrix(g, gh), _linear_zoom_matrix(g, gw)
     resized = np.einsum("yi,xj,ijd->yxd", zy, zx, grid.reshape(g, g, d).astype(np.float64))
