@@ -12,12 +12,18 @@ Per-example outputs let the trainer mask padded examples exactly: the reported l
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from seqvis.models import resnet, vit
+from seqvis.train.precision import compute_dtype
+from seqvis.train.step import AXIS
 
 TASKS: dict[str, Callable[[Any], "Task"]] = {}
 # Tasks that live in their own module, imported when a config asks for them.
@@ -35,8 +41,6 @@ def register_task(name: str):
 def get_task(config: Any) -> "Task":
     name = config.get("task", "classification")
     if name not in TASKS and name in TASK_MODULES:
-        import importlib
-
         importlib.import_module(TASK_MODULES[name])
     if name not in TASKS:
         raise ValueError(f"config.task={name!r} is unknown; valid tasks: {sorted(set(TASKS) | set(TASK_MODULES))}.")
@@ -90,8 +94,6 @@ class Task:
         compiling: raise ValueError naming the field and the fix if the data cannot fit the
         config. The default checks integer ``label`` against ``self.num_classes`` when the
         task has one; soft ``labels`` must have ``num_classes`` columns."""
-        import numpy as np
-
         k = getattr(self, "num_classes", None)
         if k is None:
             return
@@ -121,16 +123,11 @@ def build_classifier(model_cfg: Any, num_classes: int, dtype: Any = None) -> nn.
         cfg["dtype"] = dtype
     name = cfg.pop("name", "vit")
     if name == "vit":
-        from seqvis.models import vit
-
         variant = cfg.pop("variant", None)
         if variant is None:
             raise ValueError("config.model.variant is missing; set it to a ViT name such as 'Ti/16'.")
         return vit.build(variant, num_classes=num_classes, **cfg)
     if name == "resnet":
-        from seqvis.models import resnet
-        from seqvis.train.step import AXIS
-
         # Batch statistics are computed over the global batch (synced across devices).
         cfg.setdefault("bn_axis_name", AXIS if cfg.get("norm", "batch") == "batch" else None)
         return resnet.ResNet(num_classes=num_classes, **cfg)
@@ -160,8 +157,6 @@ class ClassificationTask(Task):
             config.model.get("norm", "batch") == "batch" else ()
 
     def build_model(self) -> nn.Module:
-        from seqvis.train.precision import compute_dtype
-
         return build_classifier(self.config.model, self.num_classes, compute_dtype(self.config))
 
     def dummy_batch(self, batch_size: int) -> dict[str, jax.Array]:
