@@ -309,6 +309,29 @@ def test_case8_all_checkpoints_unreadable_is_one_message_and_nothing_moves(idx_d
     assert listing(workdir) == before
 
 
+def test_case8_reading_for_init_from_and_evaluation_skips_an_unreadable_step_and_moves_nothing(trained, tmp_path):
+    # init_from=WORKDIR and the re-evaluation read through the trainer's Checkpointer: the newest
+    # step corrupt, the older one is read (values as orbax itself restores them), and reading
+    # leaves the workdir as it was (nothing moved aside: it may be someone else's run).
+    import orbax.checkpoint as ocp
+
+    workdir = copy_of(trained, tmp_path)
+    want = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "2", "state"))["params"]
+    for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "4", "state")):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    before = listing(workdir)
+    got = read_checkpoint_params(workdir)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
+    config = json.load(open(os.path.join(workdir, "config.json")))
+    assert set(ckpt_lib.restore_variables(workdir, config)) == {"params"}
+    config["model"]["width"] = 2 * config["model"]["width"]
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"another experiment.*\n  config.model: saved"):
+        ckpt_lib.restore_variables(workdir, config)
+    assert listing(workdir) == before
+
+
 @pytest.mark.parametrize("content,message", [
     (b"not gzip and not idx", r"is not an IDX file, gzipped or not \(it starts with bytes 6e6f7420\)"),
     ("truncated-gzip", r"the gzip data is truncated or corrupt"),

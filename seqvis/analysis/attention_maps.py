@@ -29,6 +29,7 @@ from seqvis.evaluation.grounding import (  # noqa: F401 - re-exported
 from seqvis.models.captioning import region_geometry
 from seqvis.models.decoding import make_decoder
 from seqvis.train import captioning as cap_task
+from seqvis.train.checkpoint import restore_variables
 
 
 # ============================================================================ pictures
@@ -89,7 +90,7 @@ def render_workdir(workdir: str, out_dir: str | None = None, num_images: int = 8
     """Decode ``num_images`` images of the eval split of a trained captioning workdir; one PNG each."""
     task = cap_task.workdir_task(workdir, data_lib)  # with the workdir's vocabulary
     config = task.config
-    variables = cap_task.restore_variables(workdir)
+    variables = restore_variables(workdir, config.to_dict())
     tok = task.tokenizer
     decode = make_decoder(task.model, method="greedy", max_steps=task.max_len - 1, bos_id=tok.bos_id,
                           eos_id=tok.eos_id, pad_id=tok.pad_id)

@@ -36,7 +36,7 @@ from flax import traverse_util
 
 from seqvis.analysis.attention_maps import upsample
 from seqvis.data import pipeline as data_lib
-from seqvis.train.captioning import restore_variables
+from seqvis.train.checkpoint import restore_variables
 from seqvis.train.tasks import build_classifier
 
 
@@ -187,7 +187,7 @@ def render_workdir(workdir: str, out_dir: str | None = None, num_images: int = 8
     if not os.path.isdir(ckpt) or not any(d.isdigit() for d in os.listdir(ckpt)):
         raise FileNotFoundError(f"no checkpoint in {ckpt}; train first (python -m seqvis.main "
                                 f"--config=configs/vit.py --workdir={workdir}).")
-    variables = restore_variables(workdir)
+    variables = restore_variables(workdir, config.to_dict())
 
     nd = jax.local_device_count()
     bs = max(nd, -(-int(num_images) // nd) * nd)

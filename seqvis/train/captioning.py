@@ -43,7 +43,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from seqvis.data import pipeline as data_pipeline
@@ -55,6 +54,7 @@ from seqvis.evaluation.caption_metrics import bleu, cider_d
 from seqvis.models import captioning as cap
 from seqvis.models import decoding, vit
 from seqvis.models.resnet import ResNetEncoder
+from seqvis.train.checkpoint import restore_variables  # noqa: F401 - importable here, its old home
 from seqvis.train.step import AXIS
 from seqvis.train.precision import compute_dtype
 from seqvis.train.tasks import Task, register_task
@@ -183,20 +183,6 @@ def token_words(ids, tok: Tokenizer, keep_eos: bool = False) -> list[str]:
             break
         words.append(tok.itos[i])
     return words
-
-
-# ============================================================================ checkpoints
-
-
-def restore_variables(workdir: str) -> dict:
-    """``{'params', **model_state}`` of the newest checkpoint in a workdir (host arrays)."""
-    root = os.path.join(os.path.abspath(workdir), "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {root}; train first with python -m seqvis.main "
-                                f"--config=configs/captioning.py:ARG --workdir={workdir}.")
-    state = ocp.StandardCheckpointer().restore(os.path.join(root, str(steps[-1]), "state"))
-    return {"params": state["params"], **(state.get("model_state") or {})}
 
 
 # ============================================================================ the task
@@ -546,7 +532,8 @@ def evaluate_workdir(workdir: str) -> dict[str, Any]:
 
     The new values are merged into ``workdir/results.json`` (training fields are kept)."""
     task = workdir_task(workdir, data_pipeline)
-    results = task.final_evaluation(restore_variables(workdir), task.config, workdir, data_pipeline)
+    variables = restore_variables(workdir, task.config.to_dict())  # written by this config's model, or refused
+    results = task.final_evaluation(variables, task.config, workdir, data_pipeline)
     path = os.path.join(workdir, "results.json")
     old = {}
     if os.path.exists(path):

@@ -16,6 +16,11 @@ What can go wrong on disk, and what happens:
   step has been restored instead, so the re-trained step can be saved again;
 - a save that fails (disk full...) stops training with one message; the failed step's
   unfinished directory is removed, earlier checkpoints are untouched.
+
+Every restore goes through :class:`Checkpointer`: resuming (:meth:`Checkpointer.restore_latest`)
+and reading a checkpoint as saved for evaluation or ``config.init_from`` (:func:`read_checkpoint`,
+:func:`restore_variables`; :meth:`Checkpointer.read` skips unusable steps the same way, and
+moves nothing).
 """
 
 from __future__ import annotations
@@ -75,16 +80,19 @@ def _flag(field: str, value: Any) -> str:
     return f"--config.{field}={value}"
 
 
+def _structural_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """``(field, saved value, current value)`` for each field that changes the shapes of the saved state."""
+    return [(k, _get(saved, k), _get(current, k)) for k in _STRUCTURAL if _get(saved, k) != _get(current, k)]
+
+
 def resume_problems(saved: dict, current: dict, saved_meta: dict | None, process_count: int,
                     ) -> tuple[list[str], list[str]]:
     """``(structural, data_stream)`` differences between the config a checkpoint was written
     with and the current one: one line per field, each saying the fix."""
     structural, stream = [], []
-    for k in _STRUCTURAL:
-        a, b = _get(saved, k), _get(current, k)
-        if a != b:
-            structural.append(f"config.{k}: saved {json.dumps(a)}, now {json.dumps(b)} (changes the shapes of the "
-                              f"saved state). To resume: {_flag(k, a) if not isinstance(a, dict) else 'restore the saved values'}.")
+    for k, a, b in _structural_differences(saved, current):
+        structural.append(f"config.{k}: saved {json.dumps(a)}, now {json.dumps(b)} (changes the shapes of the "
+                          f"saved state). To resume: {_flag(k, a) if not isinstance(a, dict) else 'restore the saved values'}.")
     if _get(saved, "optimizer.name") == _get(current, "optimizer.name"):
         sa, sb = _opt_structure(saved), _opt_structure(current)
         for k in sa:
@@ -119,23 +127,26 @@ class Checkpointer:
     """``keep`` >= 1 newest checkpoints are kept; ``chief`` renames and removes directories.
 
     ``cleanup=True`` (the trainer) removes unfinished writes left by a killed run; a
-    Checkpointer opened only to list or read steps leaves them alone."""
+    Checkpointer opened only to list or read steps leaves them alone. ``read_only=True``
+    never creates, writes, renames or removes anything (:func:`read_checkpoint`); it is
+    opened on ``directory`` (default ``workdir/checkpoints``)."""
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, chief: bool | None = None,
-                 cleanup: bool = False):
+                 cleanup: bool = False, read_only: bool = False, directory: str | None = None):
         if int(keep) < 1:
             raise CheckpointError(f"config.keep_checkpoints={keep} must be >= 1 (0 would delete every checkpoint).")
         self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, "checkpoints")
-        self.chief = jax.process_index() == 0 if chief is None else chief
+        self.directory = os.path.abspath(directory) if directory else os.path.join(self.workdir, "checkpoints")
+        self.read_only = bool(read_only)
+        self.chief = (jax.process_index() == 0 if chief is None else chief) and not self.read_only
         if cleanup and self.chief and os.path.isdir(self.directory):
             # Here, synchronously, rather than orbax's cleanup_tmp_directories: that lists the directory in
             # a background thread, which can race with anything else touching the file system at start-up.
             for name in os.listdir(self.directory):
                 if ".orbax-checkpoint-tmp" in name:
                     shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-        options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=True,
-                                               enable_async_checkpointing=async_save)
+        options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=not self.read_only,
+                                               enable_async_checkpointing=async_save and not self.read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta", "config"))
         self._pending: int | None = None  # step of a save not yet known to be complete
@@ -321,6 +332,62 @@ class Checkpointer:
             + f"\nNothing was changed. To start this run from scratch, move that directory away "
             f"(mv {self.directory} {self.directory}.old) or use another --workdir.")
 
+    def read(self, step: int | None = None, config: dict | None = None) -> tuple[Any, dict] | None:
+        """A checkpoint as it was saved: ``(state, meta)``, or None if there is none.
+
+        The state comes back as host numpy arrays in the saved tree (a dict), whatever
+        device layout wrote it (a sharded fsdp checkpoint reads on any device count): the
+        target is built from the checkpoint's own metadata. Without ``step`` the newest
+        usable step, skipping unreadable or inconsistent ones as :meth:`restore_latest`
+        does, but moving nothing aside (reading changes nothing). With ``config``, a step
+        whose config differs in a field that changes the state's shapes raises
+        :class:`CheckpointError` (the data stream does not matter when only reading).
+        """
+        steps = [int(step)] if step is not None else list(reversed(self.steps()))
+        if not steps:
+            return None
+        errors: list[tuple[int, str]] = []
+        for s in steps:
+            try:
+                saved_cfg = self._read_json(s, "config")
+                meta = self._read_json(s, "meta")
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try an older one
+                errors.append((s, _short(e)))
+                log.warning("Checkpoint at step %d is unreadable (%s); trying an older one.", s, _short(e))
+                continue
+            diffs = _structural_differences(saved_cfg, config) if config is not None else []
+            if diffs:
+                raise CheckpointError(
+                    f"The checkpoint at step {s} in {self.directory} was written by another experiment than the "
+                    "config it is read with:\n  " + "\n  ".join(
+                        f"config.{k}: saved {json.dumps(a)}, here {json.dumps(b)}" for k, a, b in diffs)
+                    + "\nRead it with the config it was written with (its workdir's config.json).")
+            try:
+                state = self.manager.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(self._saved_layout(s))))["state"]
+            except Exception as e:  # noqa: BLE001
+                errors.append((s, _short(e)))
+                log.warning("Checkpoint at step %d is unreadable (%s); trying an older one.", s, _short(e))
+                continue
+            problem = self._check_consistent(s, state, meta)
+            if problem:
+                errors.append((s, problem))
+                log.warning("Checkpoint at step %d is not usable (%s); trying an older one.", s, problem)
+                continue
+            return state, meta
+        raise CheckpointError(
+            f"No checkpoint in {self.directory} can be used:\n  "
+            + "\n  ".join(f"step {s}: {why}" for s, why in errors) + "\nNothing was changed.")
+
+    def _saved_layout(self, step: int) -> Any:
+        """The saved state's tree as empty numpy arrays (``np.empty``: no memory is touched until read)."""
+        with ocp.StandardCheckpointer() as reader:
+            meta = reader.metadata(os.path.join(self.directory, str(step), "state"))
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        return jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree,
+                            is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+
     @staticmethod
     def _check_consistent(step: int, state: Any, meta: dict) -> str | None:
         """The data position in ``meta`` must be the step; the state must be finite and at that step."""
@@ -355,3 +422,43 @@ class Checkpointer:
         self.moved_aside.append(dest)
         log.warning("Checkpoint at step %d moved aside to %s (%s); an older step was restored instead.",
                     step, dest, why)
+
+
+# ============================================================================ reading, not resuming
+
+
+def read_checkpoint(path: str, config: dict | None = None) -> tuple[Any, dict] | None:
+    """``(state, meta)`` of the checkpoint at ``path``, read as saved (:meth:`Checkpointer.read`).
+
+    ``path``: a workdir (its newest usable step), its ``checkpoints`` directory (the same), or
+    one step directory (``.../checkpoints/<step>``, that step only). None if it holds no
+    checkpoint. Nothing is created, moved or removed.
+    """
+    path = os.path.abspath(path)
+    step = None
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        directory = os.path.join(path, "checkpoints")
+    elif os.path.isdir(os.path.join(path, "state")) and os.path.basename(path).isdigit():
+        directory, step = os.path.dirname(path), int(os.path.basename(path))
+    elif os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path)):
+        directory = path
+    else:
+        return None
+    ckpt = Checkpointer(os.path.dirname(directory), directory=directory, read_only=True, async_save=False)
+    try:
+        return ckpt.read(step, config)
+    finally:
+        ckpt.close(raise_errors=False)
+
+
+def restore_variables(workdir: str, config: dict | None = None) -> dict:
+    """``{'params', **model_state}`` of the newest usable checkpoint in a workdir (host numpy arrays).
+
+    With ``config`` (a dict), the checkpoint must have been written by the same model (see
+    :meth:`Checkpointer.read`)."""
+    read = read_checkpoint(workdir, config)
+    if read is None:
+        raise FileNotFoundError(f"no checkpoint in {os.path.join(os.path.abspath(workdir), 'checkpoints')}; train "
+                                f"first with python -m seqvis.main --config=configs/FILE.py --workdir={workdir}.")
+    state, _ = read
+    return {"params": state["params"], **(state.get("model_state") or {})}

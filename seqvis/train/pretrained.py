@@ -40,11 +40,11 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from seqvis.models import transformer as tr
 from seqvis.models import vit
+from seqvis.train import checkpoint as ckpt_lib
 from seqvis.train import timm_io
 
 log = logging.getLogger(__name__)
@@ -100,27 +100,15 @@ def _read_npz(path: str) -> dict:
 
 
 def _read_seqvis(path: str) -> dict:
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
-    if steps:
-        path = os.path.join(path, str(max(steps)))
-    state_dir = os.path.join(path, "state")
-    if not os.path.isdir(state_dir):
+    # Through the trainer's Checkpointer, read only: the newest usable step (unreadable ones skipped),
+    # restored as host numpy arrays from the checkpoint's own metadata, so a checkpoint saved sharded
+    # (fsdp) on another device count reads here too.
+    read = ckpt_lib.read_checkpoint(path)
+    if read is None:
         raise FileNotFoundError(
-            f"config.init_from={path!r}: no checkpoint found (expected a seqvis workdir, a checkpoint step "
-            "directory containing 'state/', a .npz, .safetensors, .pth or .bin file).")
-    # Restored as host numpy arrays whatever wrote them: a checkpoint saved sharded (fsdp) on
-    # another device count cannot be restored onto its saved layout here, so the target is
-    # built from the checkpoint's own metadata (np.empty: no memory is touched until read).
-    ckptr = ocp.StandardCheckpointer()
-    meta = ckptr.metadata(state_dir)
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree,
-                          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-    state = ckptr.restore(state_dir, target)
+            f"config.init_from={os.path.abspath(path)!r}: no checkpoint found (expected a seqvis workdir, a "
+            "checkpoint step directory containing 'state/', a .npz, .safetensors, .pth or .bin file).")
+    state, _ = read
     return state["params"]
 
 
