@@ -29,6 +29,7 @@ from seqvis.evaluation.grounding import (  # noqa: F401 - re-exported
 from seqvis.models.captioning import region_geometry
 from seqvis.models.decoding import make_decoder
 from seqvis.train import captioning as cap_task
+from seqvis.train.captioning_eval import token_words
 from seqvis.train.checkpoint import restore_variables
 
 
@@ -106,7 +107,7 @@ def render_workdir(workdir: str, out_dir: str | None = None, num_images: int = 8
     paths = []
     for n in range(len(batch["image"])):
         ids = res["tokens"][n]
-        words = cap_task.token_words(ids, tok, keep_eos=True)
+        words = token_words(ids, tok, keep_eos=True)
         path = os.path.join(out_dir, f"image_{int(batch['image_id'][n]):06d}.png")
         save_attention_png(path, batch["image"][n], words, res["attention"][n], grid,
                            boxes=batch.get("boxes", [None])[n] if "boxes" in batch else None,
