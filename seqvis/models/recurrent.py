@@ -1,5 +1,7 @@
 """Recurrent networks: simple RNN, LSTM and GRU cells, scanned over time.
 
+Over 400 lines on purpose: cells and the layers that scan them read together; ~220 lines are code, the rest equations.
+
 A recurrent network reads a sequence ``x_1 .. x_T`` one step at a time and keeps a state
 (the *carry*) that summarises what it has seen::
 
