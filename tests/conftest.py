@@ -11,6 +11,12 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
+# The tests are compile-bound (tiny models, a few steps each): LLVM's backend optimisation changes how fast
+# the generated code runs, not what the HLO computes, and skipping it cut the cold-cache compile time of the
+# slowest tests by ~30% (ResNet step 50 s -> 26 s). The subprocesses inherit it through the environment.
+if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+
 import jax  # noqa: E402
 
 _CACHE = os.environ.get(

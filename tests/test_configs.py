@@ -61,6 +61,8 @@ def shrink(config):
             config.model.representation_size = 32
     else:
         config.model.width = 8
+        if config.model.name == "resnet":  # one block per stage: every stage, block kind and norm, half the compile
+            config.model.stage_sizes = (1, 1, 1, 1)
         if config.model.get("norm") == "group":
             config.model.num_groups = 4
     if config.model.get("name") == "video":

@@ -15,6 +15,7 @@ from seqvis.errors import ConfigError
 from seqvis.train import optim, step as step_lib
 from seqvis.train.defaults import base_config
 from seqvis.train.tasks import get_task
+from test_configs import shrink_captioning, shrink_video
 
 
 def _load(name):
@@ -43,6 +44,7 @@ def _captioner(precision, arg):
     from seqvis.data.tokenizer import Tokenizer
 
     c = captioning_configs.get_config(arg)
+    shrink_captioning(c)  # every layer kind at test width: the HLO's dtypes, not the size, are checked
     c.precision = precision
     c.data.image_shape = (24, 24, 3)
     c.captions.max_len = 8
@@ -53,6 +55,7 @@ def _captioner(precision, arg):
 
 def _video(precision, temporal):
     c = video_configs.get_config(temporal)
+    shrink_video(c)
     c.precision = precision
     c.data.num_frames = 4
     c.data.image_shape = (16, 16, 1)

@@ -99,7 +99,7 @@ def test_gradient_accumulation_equals_big_batch():
 
 def test_resnet_batch_stats_are_averaged_over_devices():
     config = tiny_config()
-    config.model = dict(name="resnet", depth=18, width=4, stem="small", norm="batch")
+    config.model = dict(name="resnet", depth=18, stage_sizes=(1, 1), width=4, stem="small", norm="batch")
     config.data.image_shape = (8, 8, 1)
     data = batches(1, seed=3)
     s1, _ = run("pmap", 1, data, config=config)

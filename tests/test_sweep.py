@@ -232,7 +232,9 @@ def test_command_line_isolated_points_and_shared_overrides(idx_dir, tmp_path):  
            f"--workdir={workdir}", f"--config.data.idx_dir={idx_dir}", f"--config.data.data_dir={tmp_path / 'tfds'}",
            "--config.data.shuffle_buffer=1000", "--config.total_steps=3", "--config.batch_size=16",
            "--config.eval_batch_size=64", "--config.schedule.warmup_steps=0", "--config.progress=False", "--isolate"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
+        [f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f] +
+        ["--xla_force_host_platform_device_count=2"]))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"] == 2
