@@ -24,6 +24,11 @@ augmentation seed ``(seed, t)``. The global batch at step ``s`` therefore depend
 ``(seed, s)`` only, and resuming at step ``s`` reads exactly the records of that batch:
 O(1), not a re-read of the epoch.
 
+Training subsets (``config.data.train_examples = n``, 0 = all): the stream above runs over the
+``n`` positions of a class-balanced, seeded, nested subset of the split (``subset_seed``; see
+:mod:`seqvis.data.subset`), read by index from the same sources; ``num_epochs`` counts epochs
+of the subset.
+
 Evaluation visits every example of the split once (contiguous per-process shards): the
 last batch is padded with zeros and ``mask = 0``, and every process yields the same
 number of batches.
@@ -42,6 +47,8 @@ import numpy as np
 
 from seqvis.data import preprocess
 from seqvis.data.builders import LOCAL_BUILDERS, local_builder_class
+from seqvis.data import subset as subset_lib
+from seqvis.errors import ConfigError
 from seqvis.errors import DataError  # also importable from here, its old home
 
 log = logging.getLogger(__name__)
@@ -180,7 +187,17 @@ def split_size(builder, split: str, cfg: Any) -> int:
 
 
 def num_examples(cfg: Any, split: str) -> int:
-    return split_size(get_builder(cfg), split, cfg)
+    """Examples in ``split``; for the training split with ``config.data.train_examples`` set, that many
+    (the subset the run trains on, so ``num_epochs`` counts epochs of the subset)."""
+    builder = get_builder(cfg)
+    n = split_size(builder, split, cfg)
+    want = subset_lib.requested(cfg)
+    if want and split == cfg.get("train_split", "train"):
+        if want > n:
+            raise ConfigError(f"{subset_lib.FIELD}={want} exceeds the training split {split!r} of {builder.name} "
+                              f"({n:,} examples); use at most {n} (0 = the whole split).")
+        return want
+    return n
 
 
 def _defaults(process_index, process_count, local_device_count):
@@ -371,6 +388,78 @@ class RecordSource:
         return ds.map(self.parse, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+class SubsetSource:
+    """A fixed subset of another random-access source: position ``i`` is example ``indices[i]`` of the split.
+
+    The training subset of ``config.data.train_examples`` (:mod:`seqvis.data.subset`); the stream
+    order, resume and process sharding work on the ``len(indices)`` positions as on a whole split.
+    """
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+        self.kind = source.kind
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def reads(self) -> int:
+        return self.source.reads
+
+    def read(self, indices: np.ndarray) -> dict:
+        return self.source.read(self.indices[np.asarray(indices, np.int64)])
+
+    def signature(self):
+        return self.source.signature()
+
+    def parse(self, ex: dict) -> dict:
+        return self.source.parse(ex)
+
+
+_LABELS: dict[tuple, np.ndarray] = {}
+
+
+def split_labels(builder, split: str, cfg: Any, source: Any = None) -> np.ndarray:
+    """The ``label`` of every example of ``split`` in file order (index order of the sources).
+
+    Taken from the in-memory arrays when the split is cached; otherwise read once per process
+    (images left encoded) and kept.
+    """
+    arrays = getattr(source, "arrays", None)
+    if isinstance(arrays, dict) and "label" in arrays:
+        return np.asarray(arrays["label"])
+    key = _split_key(builder, split)
+    if key not in _LABELS or _mocked():
+        import tensorflow_datasets as tfds
+
+        if "label" not in builder.info.features:
+            raise ConfigError(f"{subset_lib.FIELD} selects a class-balanced subset by the 'label' feature, which "
+                              f"{builder.name} does not have; set {subset_lib.FIELD}=0.")
+        skip = {k: tfds.decode.SkipDecoding() for k in _image_keys(builder)} or None
+        ds = as_dataset(builder, split, cfg, skip).map(lambda ex: ex["label"]).batch(4096)
+        _LABELS[key] = np.concatenate(list(ds.as_numpy_iterator()))
+    return _LABELS[key]
+
+
+def training_subset(cfg: Any, builder, split: str, source: Any) -> Any:
+    """``source`` restricted to the ``config.data.train_examples`` subset, or ``source`` itself when unset."""
+    want = subset_lib.requested(cfg)
+    if not want:
+        return source
+    if source is None:
+        raise ConfigError(f"{subset_lib.FIELD}={want} needs random access to the training split, and {builder.name} "
+                          f"{split!r} is read sequentially; cache it (config.data.cache='memory') or prepare it with "
+                          "--file_format=array_record.")
+    labels = split_labels(builder, split, cfg, source)
+    if len(labels) != len(source):
+        raise DataError(f"{builder.name} {split!r}: {len(labels)} labels for {len(source)} examples.")
+    indices = subset_lib.subset_indices(labels, want, int(cfg.get("subset_seed", 0) or 0),
+                                        cfg.get("num_classes", None))
+    log.info("Input: training on %d of the %d examples of %s %r (class-balanced subset, subset_seed=%d).",
+             want, len(source), builder.name, split, int(cfg.get("subset_seed", 0) or 0))
+    return SubsetSource(source, indices)
+
+
 def shuffled_indices(positions: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Example index of each global stream position: ``π_e(t mod n)``, ``e = t // n`` (module docstring)."""
     tf = _tf()
@@ -432,19 +521,20 @@ def _sequential_stream(builder, split: str, cfg: Any, decoders, *, seed: int, st
     return tf.data.Dataset.range(epoch0, 2**62).flat_map(epoch).skip(offset)
 
 
-def train_source(cfg: Any, builder, split: str, decoders) -> MemorySource | RecordSource | None:
-    """The random-access source of the training split per the cache policy, or None (sequential)."""
+def train_source(cfg: Any, builder, split: str, decoders) -> MemorySource | RecordSource | SubsetSource | None:
+    """The random-access source of the training split per the cache policy, or None (sequential);
+    restricted to the ``config.data.train_examples`` subset when that is set."""
     cache, why = cache_plan(builder, split, cfg)
     if cache:
         log.info("Input: %s %r decoded in host memory (%s).", builder.name, split, why)
-        return MemorySource(builder, split, cfg)
+        return training_subset(cfg, builder, split, MemorySource(builder, split, cfg))
     src = RecordSource.open(builder, split) if cfg.get("random_access", True) else None
     if src is not None:
         log.info("Input: %s %r read by random access, not cached (%s).", builder.name, split, why)
-        return RecordSource(builder, split, src, decoders)
+        return training_subset(cfg, builder, split, RecordSource(builder, split, src, decoders))
     log.info("Input: %s %r read sequentially, not cached (%s); resume re-reads up to one epoch.",
              builder.name, split, why)
-    return None
+    return training_subset(cfg, builder, split, None)
 
 
 # ============================================================================ iterators

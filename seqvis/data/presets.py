@@ -92,6 +92,9 @@ def data_config(name: str, **overrides) -> ml_collections.ConfigDict:
         random_access=True,  # read array_record files by index (O(1) resume); False: sequential
         shuffle_buffer=50_000,  # only for sequential reading (tfrecord files)
         prefetch=2,
+        # Train on a class-balanced subset of the training split: train_examples (0 = all) examples, a
+        # multiple of num_classes, chosen by subset_seed; nested in the size (see seqvis.data.subset).
+        train_examples=0, subset_seed=0,
         mixup=ml_collections.ConfigDict(dict(p=0.0, alpha=0.0))))
     c.update(PRESETS[name])
     c.preset = name

@@ -48,7 +48,8 @@ _STRUCTURAL = ("task", "model", "data.num_classes", "data.image_shape", "optimiz
 # uninterrupted run sees. Compared unless config.resume == "allow_data_change".
 # config.data.cache is not here: the in-memory and random-access sources give the same stream.
 DATA_STREAM = ("batch_size", "seed", "data.name", "data.train_split", "data.pp_train", "data.shuffle_buffer",
-               "data.mixup", "data.builder_kwargs", "data.num_frames", "data.random_access")
+               "data.mixup", "data.builder_kwargs", "data.num_frames", "data.random_access",
+               "data.train_examples", "data.subset_seed")
 ALLOW_DATA_CHANGE = "allow_data_change"
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqvis.data import subset as subset_lib
 from seqvis.errors import ConfigError  # noqa: F401 - re-exported: its old home
 from seqvis.evaluation.flops import forward_flops_per_example
 from seqvis.models.common import num_params
@@ -86,6 +87,7 @@ def check_config(config: Any) -> None:
     k = (config.get("data", None) or {}).get("num_classes", None)
     if k is not None and int(k) < 1:
         raise ConfigError(f"config.data.num_classes={k} must be >= 1.")
+    subset_lib.requested(config.get("data", None))  # train_examples: whole, >= 0, a multiple of the classes
     bs = int(config.batch_size)
     devices = jax.device_count()
     accum = int(config.get("grad_accum_steps", 1))

@@ -1,0 +1,88 @@
+"""Class-balanced, seeded, nested subsets of a training split (``config.data.train_examples``).
+
+A data-size study trains on ``n`` examples of the training split for several ``n``. The
+subset of ``n`` examples takes, from every class ``c``, the first ``n / K`` entries of a
+seeded permutation of that class's examples (``K`` = ``config.data.num_classes``; the
+permutation of class ``c`` is seeded with ``(config.data.subset_seed, c)``). Hence:
+
+- balanced: exactly ``n / K`` examples of every class (``n`` must be a multiple of ``K``);
+- seeded: the subset is a function of ``(labels, n, subset_seed)`` only, not of the
+  training seed, the batch size or the process count;
+- nested: for ``n1 < n2`` the smaller subset is inside the larger one (prefixes of the
+  same permutations), so adding data only adds examples.
+
+The pipeline reads the subset by index through the same order as a whole split (a stateless
+permutation of the ``n`` positions per epoch, see :mod:`seqvis.data.pipeline`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from seqvis.errors import ConfigError
+
+FIELD = "config.data.train_examples"
+
+
+def requested(cfg: Any) -> int:
+    """``config.data.train_examples`` as an int (0 = the whole split), checked without reading data.
+
+    Refused: a negative or non-integer value, and a value that is not a multiple of
+    ``config.data.num_classes`` (the classes could not all get the same count).
+    """
+    raw = cfg.get("train_examples", 0) if cfg is not None else 0
+    if raw is None or raw == 0:
+        return 0
+    if isinstance(raw, bool) or not float(raw).is_integer() or int(raw) < 0:
+        raise ConfigError(f"{FIELD}={raw!r} must be a whole number >= 0 (0 = the whole training split); "
+                          "e.g. --config.data.train_examples=1000.")
+    n = int(raw)
+    k = cfg.get("num_classes", None)
+    if k and n % int(k):
+        lo, hi = (n // int(k)) * int(k), (n // int(k) + 1) * int(k)
+        raise ConfigError(f"{FIELD}={n} is not a multiple of config.data.num_classes={k}, so the classes cannot get "
+                          f"equal counts; use {lo or hi} or {hi}.")
+    seed = cfg.get("subset_seed", 0) or 0
+    if int(seed) < 0:
+        raise ConfigError(f"config.data.subset_seed={seed} must be >= 0.")
+    return n
+
+
+def subset_indices(labels: np.ndarray, size: int, seed: int, num_classes: int | None = None) -> np.ndarray:
+    """Sorted indices of the class-balanced subset of ``size`` examples (module docstring).
+
+    ``labels`` holds the class of every example of the split; classes are ``0 .. K-1`` with
+    ``K = num_classes`` (default: ``labels.max() + 1``). Raises :class:`ConfigError` naming
+    ``config.data.train_examples`` when ``size`` is not a multiple of ``K`` or exceeds the split
+    or a class has fewer than ``size / K`` examples.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if labels.size == 0:
+        raise ConfigError(f"{FIELD}={size}: the training split has no labelled examples.")
+    if labels.dtype.kind not in "iu":
+        raise ConfigError(f"{FIELD}={size}: a balanced subset needs integer class labels; this split's labels are "
+                          f"{labels.dtype}. Set {FIELD}=0 to train on the whole split.")
+    k = int(num_classes) if num_classes else int(labels.max()) + 1
+    if size > labels.size:
+        raise ConfigError(f"{FIELD}={size} exceeds the training split ({labels.size:,} examples); use at most "
+                          f"{(labels.size // k) * k} (0 = the whole split).")
+    if size % k:
+        raise ConfigError(f"{FIELD}={size} is not a multiple of the {k} classes, so the classes cannot get equal "
+                          f"counts; use {(size // k) * k or k} or {(size // k + 1) * k}.")
+    per_class = size // k
+    counts = np.bincount(labels, minlength=k)
+    if len(counts) > k:
+        raise ConfigError(f"{FIELD}={size}: the split has labels up to {len(counts) - 1} but "
+                          f"config.data.num_classes={k}.")
+    if counts.min() < per_class:
+        c = int(np.argmin(counts))
+        raise ConfigError(f"{FIELD}={size} needs {per_class} examples of each of the {k} classes, but class {c} has "
+                          f"only {counts[c]}; use at most {int(counts.min()) * k}.")
+    chosen = []
+    for c in range(k):
+        members = np.flatnonzero(labels == c)
+        order = np.random.default_rng([int(seed), c]).permutation(len(members))
+        chosen.append(members[order[:per_class]])
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
