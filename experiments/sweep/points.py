@@ -6,6 +6,7 @@ without training anything.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -59,10 +60,17 @@ def describe(config) -> dict:
     else:
         info.update(width=None, depth=None, mlp_dim=None, heads=None, patch=None, analytic_gflops_per_example=None,
                     model=family)
-    dummy = task.dummy_batch(1)
-    variables = jax.eval_shape(lambda: task.init(jax.random.PRNGKey(0), dummy))
-    info["params"] = num_params(variables["params"])
+    key = json.dumps([config.get("task"), config.model.to_dict(), config.data.get("num_classes"), list(shape)],
+                     sort_keys=True, default=str)
+    if key not in _PARAMS:  # tracing init is most of a point's description (ViT-G: ~3 s); budgets share models
+        dummy = task.dummy_batch(1)
+        variables = jax.eval_shape(lambda: task.init(jax.random.PRNGKey(0), dummy))
+        _PARAMS[key] = num_params(variables["params"])
+    info["params"] = _PARAMS[key]
     return info
+
+
+_PARAMS: dict[str, int] = {}  # parameter counts by (task, model fields, classes, image shape)
 
 
 def expand(base_spec: str, base_config, points: list[dict], where: str,
