@@ -166,3 +166,53 @@ def plot_ablations(panels: Sequence[dict], out_stem: str, *, title: str = "",
     fig.tight_layout()
     return _save(fig, out_stem)
 
+
+
+def plot_data_size(series: Sequence[dict], gaps: Sequence[dict], out_stem: str, *, title: str = "",
+                   crossover: float | None = None, xlabel: str = "training examples (class-balanced subset)",
+                   ylabel: str = "test error (log scale)") -> list[str]:
+    """Error vs training-set size (log-log) with seed error bars, and the ViT − ResNet gap (ViT paper Fig. 3).
+
+    ``series``: ``[{"label", "family", "x": sizes, "mean": [...], "std": [...] (None for one seed),
+    "seeds": [...]}]``, one line per model; the larger model of a family is drawn dashed.
+    ``gaps``: ``[{"label", "x", "mean", "std"}]``, ViT − ResNet error in points per size; > 0:
+    ResNet ahead. ``crossover`` marks the size where the first gap changes sign.
+    """
+    fig = Figure(figsize=(12.5, 4.8))
+    ax, gx = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[1.25, 1]))
+    drawn: dict[str, int] = {}
+    for s in series:
+        style = dict(FAMILY_STYLE.get(s["family"], dict(color="gray", marker="^", label=s["family"])))
+        k = drawn.get(s["family"], 0)
+        drawn[s["family"]] = k + 1
+        std = [0.0 if v is None else v for v in s["std"]]
+        ax.errorbar(s["x"], s["mean"], yerr=std, color=style["color"], marker=style["marker"], ms=5, capsize=3,
+                    lw=1.4, ls="-" if k == 0 else "--", mfc=style["color"] if k == 0 else "white",
+                    label=s["label"])
+        for x, y, n in zip(s["x"], s["mean"], s["seeds"]):
+            if n > 1 and s is series[0]:
+                ax.annotate(f"{n} seeds", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7,
+                            color="gray")
+    _log_axes(ax, xlabel, ylabel)
+    ax.set_title("test error vs training-set size (mean ± std over seeds)")
+    ax.legend(fontsize=8, loc="upper right")
+    cmap = matplotlib.colormaps["viridis"]
+    for i, g in enumerate(gaps):
+        color = "black" if i == 0 else cmap(0.25 + 0.5 * i / max(len(gaps) - 1, 1))
+        std = [0.0 if v is None else 100 * v for v in g["std"]]
+        gx.errorbar(g["x"], [100 * v for v in g["mean"]], yerr=std, color=color, marker="o", ms=5, capsize=3,
+                    lw=1.8 if i == 0 else 1.1, ls="-" if i == 0 else ":", label=g["label"])
+    gx.axhline(0, color="gray", lw=0.8)
+    if crossover is not None:
+        gx.axvline(crossover, color="red", lw=1, ls="--", label=f"crossover ≈ {crossover:,.0f} examples")
+    gx.set_xscale("log")
+    gx.set_xlabel(xlabel)
+    gx.set_ylabel("ViT − ResNet test error (points; > 0: ResNet ahead)")
+    gx.grid(True, which="major", alpha=0.4)
+    gx.grid(True, which="minor", alpha=0.15)
+    gx.set_title("the gap")
+    gx.legend(fontsize=8, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, out_stem)
