@@ -226,6 +226,7 @@ def test_command_line_isolated_points_and_shared_overrides(idx_dir, tmp_path):  
         "def get_sweep(h, arg=None):\n"
         "    return h.chain(h.fixed('model.depth', 1),\n"
         "                   [{'config': 'configs/resnet.py:18,fashion_mnist', 'model.width': 4,\n"
+        "                     'model.stage_sizes': (1, 1, 1, 1),\n"
         "                     'schedule.warmup_steps': 0}])\n"))
     workdir = tmp_path / "cli"
     cmd = [sys.executable, "-m", "experiments.sweep", "--config=configs/vit.py:mu/7", f"--sweep={sweep_file}",
