@@ -243,6 +243,23 @@ def vit_passes_full(ev: dict) -> tuple[str, str]:
         f"{NOISE_SIGMAS:g} SE")
 
 
+def longer_gaps(longer: Sequence[dict]) -> list[dict]:
+    """Per size where both families have longer-training points: the family-best ViT − ResNet gap on
+    those seeds at the main budget and at the longer one (does the gap depend on the training length?)."""
+    out = []
+    for size in sorted({c["size"] for c in longer}):
+        at = [c for c in longer if c["size"] == size and c["base"] is not None]
+        fams = {f: [c for c in at if c["family"] == f] for f in ("vit", "resnet")}
+        if not fams["vit"] or not fams["resnet"]:
+            continue
+        base = {f: min(c["base"]["mean_shared_seeds"] for c in cs) for f, cs in fams.items()}
+        long = {f: min(c["mean"] for c in cs) for f, cs in fams.items()}
+        out.append({"size": size, "steps": sorted({c["base"]["steps"] for c in at}),
+                    "longer_steps": sorted({c["steps"] for c in at}), "gap": base["vit"] - base["resnet"],
+                    "gap_longer": long["vit"] - long["resnet"]})
+    return out
+
+
 def trained_long_enough(ev: dict) -> tuple[str, str]:
     checks = [c for c in ev["longer"] if c["base"] is not None]
     if not checks:
@@ -279,7 +296,7 @@ def _ms(st: dict | None) -> str:
     return f"{100 * st['mean']:.2f}{sd} ({st['seeds']})"
 
 
-def make_report(results: Sequence[str], out: str, *, title: str = "", command: str = "") -> dict:
+def make_report(results: Sequence[str], out: str, *, title: str = "", command: str = "", note: str = "") -> dict:
     from seqvis.analysis import plots
 
     ok, failed = read_results(results)
@@ -289,6 +306,7 @@ def make_report(results: Sequence[str], out: str, *, title: str = "", command: s
     gaps = gap_series(curves, floor)
     ev = {"curves": curves, "gaps": gaps, "longer": longer, "aug": aug, "floor": floor}
     found = findings(ev)
+    lg = longer_gaps(longer)  # before the plot: drawn there
     best = gaps.get("best ViT − best ResNet") or []
     cross = crossover(best)
     os.makedirs(out, exist_ok=True)
@@ -302,6 +320,8 @@ def make_report(results: Sequence[str], out: str, *, title: str = "", command: s
     gap_plot = [{"label": name, "x": [p["size"] for p in pts], "mean": [p["gap"] for p in pts],
                  "std": [p["se"] for p in pts]} for name, pts in gaps.items()]
     written = plots.plot_data_size(series, gap_plot, os.path.join(out, "data_size"), crossover=cross,
+                                   longer=[{"family": c["family"], "x": c["size"], "y": c["mean"]} for c in longer],
+                                   longer_gaps=[{"x": g["size"], "y": g["gap_longer"]} for g in lg],
                                    title=title or "Error vs training-set size")
 
     sizes = sorted({n for c in curves.values() for n in c})
@@ -309,7 +329,7 @@ def make_report(results: Sequence[str], out: str, *, title: str = "", command: s
                "noise_floor": floor, "crossover_best": cross, "findings": found,
                "curves": {m: {str(n): {k: v for k, v in st.items() if k != "by_seed"} for n, st in c.items()}
                           for m, c in curves.items()},
-               "gaps": gaps, "longer": longer, "augmentation": aug,
+               "gaps": gaps, "longer": longer, "longer_gaps": lg, "augmentation": aug,
                "plots": [os.path.basename(p) for p in written]}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
@@ -324,12 +344,21 @@ def make_report(results: Sequence[str], out: str, *, title: str = "", command: s
                 cmd = json.load(f).get("command")
             if cmd:
                 L += ["Sweep:", "", "```", cmd, "```", ""]
+    if note:
+        L += [note, ""]
     L += [f"{len(rows)} finished points ({len(failed)} failed). Every point trains one model from scratch on a "
           "class-balanced subset of the Fashion-MNIST training split (`config.data.train_examples`; the subsets of "
           "one `subset_seed` are nested) and is tested on all 10,000 test images. Error = 1 − test accuracy; "
           f"augmentation of the main curves: `{pp_main}`.", ""]
     L += ["## Findings", "", "| finding | verdict | numbers |", "|---|---|---|"]
     L += [f"| {f_['finding']} | **{f_['verdict']}** | {f_['numbers']} |" for f_ in found]
+    if any(f_["finding"].startswith("Small sets are trained long enough") and f_["verdict"] == FAILS for f_ in found):
+        L += ["", "**The longer-training check fails: doubling the steps still lowers the error by more than "
+              f"{CONVERGED_POINTS:g} point, so these models are not trained to convergence and the verdicts above "
+              "describe this training budget (see the steps per size below), not converged models.**"
+              + (" With the longer budget the family-best gap is " + "; ".join(
+                  f"{_pts(g['gap_longer'])} instead of {_pts(g['gap'])} at {g['size']:,} examples" for g in lg) + "."
+                 if lg else "")]
     L += ["", f"Gaps are ViT − ResNet test error in percentage points (> 0: ResNet ahead); SE = standard error of "
           f"the difference of the seed means; a single-seed point is given the study's median seed std "
           f"({'–' if floor is None else f'{100 * floor:.2f} points'}). A difference counts when it exceeds "
@@ -354,6 +383,10 @@ def make_report(results: Sequence[str], out: str, *, title: str = "", command: s
             b = c["base"]
             L.append(f"| {c['model']} | {c['size']:,} | {b['steps']:,} | {100 * b['mean_shared_seeds']:.2f}% | "
                      f"{c['steps']:,} | {100 * c['mean']:.2f}% | {_pts(c['mean'] - b['mean_shared_seeds'])} |")
+        if lg:
+            L += ["", "Family-best gap (ViT − ResNet, points) on the same seeds at the main and the longer budget: "
+                  + "; ".join(f"{g['size']:,} examples: {_pts(g['gap'])} at {'/'.join(map(str, g['steps']))} steps, "
+                              f"{_pts(g['gap_longer'])} at {'/'.join(map(str, g['longer_steps']))}" for g in lg) + "."]
     if aug:
         L += ["", "## Augmentation axis (same steps as the main curve at that size)", "",
               f"Main curves: `{pp_main}`.", "",
@@ -397,12 +430,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results", required=True, help="results.csv of a data-size sweep (comma-separated for several)")
     parser.add_argument("--out", required=True, help="output directory for report.md, summary.json and the plot")
     parser.add_argument("--title", default="")
+    parser.add_argument("--note", default="", help="a paragraph for the report (how the sweep was run, its wall time)")
     args = parser.parse_args(argv)
     command = "python -m experiments.data_size " + " ".join(
         a if " " not in a else repr(a) for a in (argv if argv is not None else sys.argv[1:]))
     try:
         data = make_report([p.strip() for p in args.results.split(",") if p.strip()], args.out, title=args.title,
-                           command=command)
+                           command=command, note=args.note)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -58,6 +58,17 @@ def test_groups_gaps_and_crossover():
     assert [(c["size"], c["steps"], c["base"]["steps"]) for c in ev["longer"]] == [(500, 200, 100)]
     assert ev["longer"][0]["base"]["mean_shared_seeds"] == pytest.approx(0.39)  # seed 0 only
     assert [(a["pp"], a["size"]) for a in ev["aug"]] == [("decode", 500)]
+    assert ds.longer_gaps(ev["longer"]) == []  # only the ViT has a longer point
+
+
+def test_gap_at_the_longer_budget():
+    extra = [row("R", "resnet", 150_000, 500, 0, 0.27, 200)]  # R seed 0: 0.29 -> 0.27
+    ev_rows = ds.annotate(rows(0.13) + extra)
+    _, longer, *_ = ds.split_rows(ev_rows)
+    (g,) = ds.longer_gaps(longer)
+    # seed 0 at 100 steps: V 0.39 - R 0.29; at 200 steps: V 0.385 - R 0.27
+    assert (g["size"], g["steps"], g["longer_steps"]) == (500, [100], [200])
+    assert g["gap"] == pytest.approx(0.10) and g["gap_longer"] == pytest.approx(0.115)
 
 
 @pytest.mark.parametrize("vit_at_8k, passes", [(0.13, "does not hold"), (0.09, "holds")])

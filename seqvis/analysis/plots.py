@@ -169,14 +169,17 @@ def plot_ablations(panels: Sequence[dict], out_stem: str, *, title: str = "",
 
 
 def plot_data_size(series: Sequence[dict], gaps: Sequence[dict], out_stem: str, *, title: str = "",
-                   crossover: float | None = None, xlabel: str = "training examples (class-balanced subset)",
+                   crossover: float | None = None, longer: Sequence[dict] = (), longer_gaps: Sequence[dict] = (),
+                   xlabel: str = "training examples (class-balanced subset)",
                    ylabel: str = "test error (log scale)") -> list[str]:
     """Error vs training-set size (log-log) with seed error bars, and the ViT − ResNet gap (ViT paper Fig. 3).
 
     ``series``: ``[{"label", "family", "x": sizes, "mean": [...], "std": [...] (None for one seed),
     "seeds": [...]}]``, one line per model; the larger model of a family is drawn dashed.
     ``gaps``: ``[{"label", "x", "mean", "std"}]``, ViT − ResNet error in points per size; > 0:
-    ResNet ahead. ``crossover`` marks the size where the first gap changes sign.
+    ResNet ahead. ``crossover`` marks the size where the first gap changes sign. ``longer``
+    (``[{"family", "x", "y"}]``) and ``longer_gaps`` (``[{"x", "y"}]``) are longer-training runs,
+    drawn as crosses.
     """
     fig = Figure(figsize=(12.5, 4.8))
     ax, gx = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[1.25, 1]))
@@ -193,6 +196,11 @@ def plot_data_size(series: Sequence[dict], gaps: Sequence[dict], out_stem: str, 
             if n > 1 and s is series[0]:
                 ax.annotate(f"{n} seeds", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7,
                             color="gray")
+    for fam in sorted({p["family"] for p in longer}):
+        pts = [p for p in longer if p["family"] == fam]
+        style = FAMILY_STYLE.get(fam, dict(color="gray", label=fam))
+        ax.scatter([p["x"] for p in pts], [p["y"] for p in pts], marker="x", s=40, color=style["color"],
+                   label=f"{style['label']}, twice the steps (seed 0)")
     _log_axes(ax, xlabel, ylabel)
     ax.set_title("test error vs training-set size (mean ± std over seeds)")
     ax.legend(fontsize=8, loc="upper right")
@@ -202,6 +210,9 @@ def plot_data_size(series: Sequence[dict], gaps: Sequence[dict], out_stem: str, 
         std = [0.0 if v is None else 100 * v for v in g["std"]]
         gx.errorbar(g["x"], [100 * v for v in g["mean"]], yerr=std, color=color, marker="o", ms=5, capsize=3,
                     lw=1.8 if i == 0 else 1.1, ls="-" if i == 0 else ":", label=g["label"])
+    if longer_gaps:
+        gx.scatter([g["x"] for g in longer_gaps], [100 * g["y"] for g in longer_gaps], marker="x", s=50, color="red",
+                   zorder=5, label="best ViT − best ResNet, twice the steps (seed 0)")
     gx.axhline(0, color="gray", lw=0.8)
     if crossover is not None:
         gx.axvline(crossover, color="red", lw=1, ls="--", label=f"crossover ≈ {crossover:,.0f} examples")
