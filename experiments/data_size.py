@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from experiments.scaling_curves import ReportError, read_results
+from experiments.scaling_curves import ReportError, command_line, read_results
 
 # Verdict thresholds, stated in the report.
 NOISE_SIGMAS = 2.0  # a difference counts when it exceeds 2 standard errors (of the difference of seed means)
@@ -432,8 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--title", default="")
     parser.add_argument("--note", default="", help="a paragraph for the report (how the sweep was run, its wall time)")
     args = parser.parse_args(argv)
-    command = "python -m experiments.data_size " + " ".join(
-        a if " " not in a else repr(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("experiments.data_size", argv)
     try:
         data = make_report([p.strip() for p in args.results.split(",") if p.strip()], args.out, title=args.title,
                            command=command, note=args.note)

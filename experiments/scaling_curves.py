@@ -297,6 +297,12 @@ def make_report(results: Sequence[str], out: str, *, bootstrap: int = 1000, seed
     return data
 
 
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command that made a report, as written into it (arguments with spaces quoted)."""
+    args = argv if argv is not None else sys.argv[1:]
+    return f"python -m {module} " + " ".join(a if " " not in a else repr(a) for a in args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -307,8 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
     paths = [p.strip() for p in args.results.split(",") if p.strip()]
-    command = "python -m experiments.scaling_curves " + " ".join(
-        a if " " not in a else repr(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("experiments.scaling_curves", argv)
     try:
         data = make_report(paths, args.out, bootstrap=args.bootstrap, seed=args.seed, title=args.title,
                            command=command)

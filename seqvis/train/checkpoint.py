@@ -294,39 +294,27 @@ class Checkpointer:
         # those shards, whatever device count wrote them; anything else restores as numpy.
         abstract = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
                                 else np.zeros(np.shape(x), np.asarray(x).dtype), target)
-        for step in reversed(steps):
-            try:
-                saved_cfg = self._read_json(step, "config")
-                meta = self._read_json(step, "meta")
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try an older one
-                errors.append((step, _short(e)))
-                log.warning("Checkpoint at step %d is unreadable (%s); trying an older one.", step, _short(e))
-                continue
+
+        def structure_error(step: int, e: Exception) -> CheckpointError | None:
+            if not _is_structure_mismatch(e):
+                return None
+            return CheckpointError(
+                f"Cannot resume from step {step} in {self.directory}: the saved train state has another "
+                f"structure than the one this config builds ({_short(e)}). The checkpoint is intact; "
+                "restore the config it was written with (see its config.json), or use a new --workdir "
+                "(--config.init_from=THIS_WORKDIR keeps the parameters). Nothing was changed.")
+
+        def check(step: int, saved_cfg: dict, meta: dict) -> None:
             self.check_resume(config, process_count=process_count, allow_data_change=allow_data_change,
                               saved=(step, saved_cfg, meta))
-            try:
-                state = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract)))["state"]
-            except Exception as e:  # noqa: BLE001
-                if _is_structure_mismatch(e):
-                    raise CheckpointError(
-                        f"Cannot resume from step {step} in {self.directory}: the saved train state has another "
-                        f"structure than the one this config builds ({_short(e)}). The checkpoint is intact; "
-                        "restore the config it was written with (see its config.json), or use a new --workdir "
-                        "(--config.init_from=THIS_WORKDIR keeps the parameters). Nothing was changed.") from e
-                errors.append((step, _short(e)))
-                log.warning("Checkpoint at step %d is unreadable (%s); trying an older one.", step, _short(e))
-                continue
-            problem = self._check_consistent(step, state, meta)
-            if problem:
-                errors.append((step, problem))
-                log.warning("Checkpoint at step %d is not usable (%s); trying an older one.", step, problem)
-                continue
+
+        found = self._first_usable(reversed(steps), check, lambda step: abstract, errors, structure_error)
+        if found is not None:
             for bad_step, why in errors:
                 self._move_aside(bad_step, why)
             if errors:
                 self.manager.reload()
-            return state, meta
+            return found
         raise CheckpointError(
             f"No checkpoint in {self.directory} can be used:\n  "
             + "\n  ".join(f"step {s}: {why}" for s, why in errors)
@@ -348,37 +336,57 @@ class Checkpointer:
         if not steps:
             return None
         errors: list[tuple[int, str]] = []
-        for s in steps:
-            try:
-                saved_cfg = self._read_json(s, "config")
-                meta = self._read_json(s, "meta")
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try an older one
-                errors.append((s, _short(e)))
-                log.warning("Checkpoint at step %d is unreadable (%s); trying an older one.", s, _short(e))
-                continue
+
+        def check(step: int, saved_cfg: dict, meta: dict) -> None:
             diffs = _structural_differences(saved_cfg, config) if config is not None else []
             if diffs:
                 raise CheckpointError(
-                    f"The checkpoint at step {s} in {self.directory} was written by another experiment than the "
+                    f"The checkpoint at step {step} in {self.directory} was written by another experiment than the "
                     "config it is read with:\n  " + "\n  ".join(
                         f"config.{k}: saved {json.dumps(a)}, here {json.dumps(b)}" for k, a, b in diffs)
                     + "\nRead it with the config it was written with (its workdir's config.json).")
-            try:
-                state = self.manager.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(self._saved_layout(s))))["state"]
-            except Exception as e:  # noqa: BLE001
-                errors.append((s, _short(e)))
-                log.warning("Checkpoint at step %d is unreadable (%s); trying an older one.", s, _short(e))
-                continue
-            problem = self._check_consistent(s, state, meta)
-            if problem:
-                errors.append((s, problem))
-                log.warning("Checkpoint at step %d is not usable (%s); trying an older one.", s, problem)
-                continue
-            return state, meta
+
+        found = self._first_usable(steps, check, self._saved_layout, errors)
+        if found is not None:
+            return found
         raise CheckpointError(
             f"No checkpoint in {self.directory} can be used:\n  "
             + "\n  ".join(f"step {s}: {why}" for s, why in errors) + "\nNothing was changed.")
+
+    def _first_usable(self, steps, check, target, errors: list, structure_error=None) -> tuple[Any, dict] | None:
+        """``(state, meta)`` of the first of ``steps`` that reads and is consistent, or None.
+
+        Per step: read its config and meta, ``check(step, saved_cfg, meta)`` (raises to refuse),
+        restore the state into ``target(step)``, check it against its meta. A step that fails
+        one of these is logged, appended to ``errors`` as ``(step, why)`` and skipped; a restore
+        error for which ``structure_error(step, e)`` returns an error raises that instead.
+        """
+        for step in steps:
+            try:
+                saved_cfg = self._read_json(step, "config")
+                meta = self._read_json(step, "meta")
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try an older one
+                errors.append((step, _short(e)))
+                log.warning("Checkpoint at step %d is unreadable (%s); trying an older one.", step, _short(e))
+                continue
+            check(step, saved_cfg, meta)
+            try:
+                state = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target(step))))["state"]
+            except Exception as e:  # noqa: BLE001
+                refused = structure_error(step, e) if structure_error else None
+                if refused is not None:
+                    raise refused from e
+                errors.append((step, _short(e)))
+                log.warning("Checkpoint at step %d is unreadable (%s); trying an older one.", step, _short(e))
+                continue
+            problem = self._check_consistent(step, state, meta)
+            if problem:
+                errors.append((step, problem))
+                log.warning("Checkpoint at step %d is not usable (%s); trying an older one.", step, problem)
+                continue
+            return state, meta
+        return None
 
     def _saved_layout(self, step: int) -> Any:
         """The saved state's tree as empty numpy arrays (``np.empty``: no memory is touched until read)."""
