@@ -9,6 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from seqvis.data import pipeline, preprocess
+from seqvis.data import video_ops  # noqa: F401 - registers the video ops (test_sizes_are_an_int_or_a_pair)
 from seqvis.data.builders import idx
 from seqvis.data.presets import data_config
 
@@ -204,6 +205,24 @@ def test_mixup_matches_formula():
     np.testing.assert_allclose(out["labels"].sum(-1), 1.0, rtol=1e-6)
     again = preprocess.mixup(batch, seed=(0, 7), alpha=0.2, p=1.0, num_classes=3)
     assert again["mixup_lambda"][0] == lam
+
+
+def test_sizes_are_an_int_or_a_pair():
+    """One rule for every size argument of the image and video ops (seqvis.utils.pair)."""
+    img = tf.zeros([40, 50, 3], tf.uint8)
+    video = tf.zeros([4, 40, 50, 3], tf.uint8)
+    ex = {"_seed": tf.constant([0, 1], tf.int64)}
+    for size, hw in ((20, [20, 20]), ((20, 30), [20, 30]), ([12, 16], [12, 16])):
+        for op in ("resize", "random_crop", "central_crop", "inception_crop"):
+            (fn,) = preprocess.parse(f"{op}({size!r})")
+            assert fn({**ex, "image": img})["image"].shape.as_list()[:2] == hw, (op, size)
+        for op in ("video_resize", "video_random_crop", "video_central_crop"):
+            (fn,) = preprocess.parse(f"{op}({size!r})")
+            assert fn({**ex, "video": video})["video"].shape.as_list()[1:3] == hw, (op, size)
+    for op in ("resize", "random_crop", "central_crop", "inception_crop", "decode_jpeg_and_inception_crop",
+               "video_resize", "video_random_crop", "video_central_crop"):
+        with pytest.raises(ValueError, match=r"an int or a pair \(height, width\), got \(1, 2, 3\)"):
+            preprocess.parse(f"{op}((1, 2, 3))")
 
 
 def test_pp_string_errors():

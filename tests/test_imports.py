@@ -8,8 +8,8 @@ Two kinds of check:
   too: a deferred import is still an arrow), must form no cycle, never point upward, never
   reach a private name of another module, and stay at module top unless commented.
 
-Layers, bottom to top: ``errors`` <- ``models`` <- ``data`` <- ``evaluation`` <- ``train`` <-
-``analysis`` <- ``main``; nothing in ``seqvis`` imports ``experiments`` or ``configs``.
+Layers, bottom to top: ``errors`` <- ``utils`` (standard library only) <- ``models`` <- ``data`` <-
+``evaluation`` <- ``train`` <- ``analysis`` <- ``main``; nothing in ``seqvis`` imports ``experiments`` or ``configs``.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "seqvis")
 
 # Bottom to top; a module may import its own layer and the layers below it.
-LAYERS = ("seqvis.errors", "seqvis.models", "seqvis.data", "seqvis.evaluation", "seqvis.train", "seqvis.analysis",
-          "seqvis.main")
+LAYERS = ("seqvis.errors", "seqvis.utils", "seqvis.models", "seqvis.data", "seqvis.evaluation", "seqvis.train",
+          "seqvis.analysis", "seqvis.main")
 # Plotting stays off the hot path: these layers never import it.
-NO_PLOTTING = ("seqvis.errors", "seqvis.models", "seqvis.data", "seqvis.evaluation", "seqvis.train", "seqvis.main")
+NO_PLOTTING = ("seqvis.errors", "seqvis.utils", "seqvis.models", "seqvis.data", "seqvis.evaluation", "seqvis.train",
+               "seqvis.main")
 PLOTTING = ("matplotlib",)
 
 # Known debts in files other people are editing, keyed (importing module, imported module or
@@ -147,6 +148,13 @@ def test_no_upward_import():
 
 def test_every_module_is_in_a_layer():
     assert not [m for m in MODULES if m != "seqvis" and _layer(m) is None]
+
+
+def test_utils_needs_only_the_standard_library():
+    """``seqvis.utils`` is what the data layer (no jax/flax at import) and the models can share."""
+    outside = [i for i in ALL if i.importer.startswith("seqvis.utils") and i.target not in sys.stdlib_module_names
+               and i.target != "__future__"]
+    assert not outside, outside
 
 
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:

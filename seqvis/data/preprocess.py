@@ -45,6 +45,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from seqvis.utils import pair
+
 OPS: dict[str, Callable[..., Callable[[dict], dict]]] = {}
 
 
@@ -165,7 +167,7 @@ def decode(channels: int | None = None):
 @register("resize")
 def resize(size, method: str = "bilinear", antialias: bool = False):
     """To exactly ``size x size`` (or ``(h, w)``); the aspect ratio is not kept (see resize_small)."""
-    h, w = (size, size) if isinstance(size, int) else size
+    h, w = pair(size)
 
     def fn(img, ex):
         return _resize(img, (h, w), method, antialias)
@@ -190,7 +192,7 @@ def resize_small(size: int, method: str = "area", antialias: bool = False):
 
 @register("random_crop")
 def random_crop(size, pad: int = 0):
-    h, w = (size, size) if isinstance(size, int) else size
+    h, w = pair(size)
 
     def fn(img, ex):
         tf = tf_module()
@@ -205,7 +207,7 @@ def random_crop(size, pad: int = 0):
 
 @register("central_crop")
 def central_crop(size):
-    h, w = (size, size) if isinstance(size, int) else size
+    h, w = pair(size)
 
     def fn(img, ex):
         tf = tf_module()
@@ -229,7 +231,7 @@ def _inception_window(shape, ex, area_min, area_max, ratio_min, ratio_max):
 @register("inception_crop")
 def inception_crop(size, area_min: float = 5, area_max: float = 100, ratio_min: float = 0.75,
                    ratio_max: float = 1.33, method: str = "bilinear", antialias: bool = False):
-    h, w = (size, size) if isinstance(size, int) else size
+    h, w = pair(size)
 
     def fn(img, ex):
         tf = tf_module()
@@ -253,7 +255,7 @@ def decode_jpeg_and_inception_crop(size, area_min: float = 5, area_max: float = 
     decoded whole, then cropped; an image decoded upstream (in-memory cache, mock data) is
     cropped directly.
     """
-    h, w = (size, size) if isinstance(size, int) else size
+    h, w = pair(size)
     c = channels or 3
     window = (area_min, area_max, ratio_min, ratio_max)
 

@@ -26,10 +26,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from seqvis.data.preprocess import example_seed, register, tf_module
-
-
-def _pair(size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+from seqvis.utils import pair
 
 
 def _length(ex, video):
@@ -106,7 +103,7 @@ def reverse_time(p: float = 1.0, label_map: Sequence[int] | None = None):
 
 @register("video_resize")
 def video_resize(size, method: str = "bilinear"):
-    h, w = _pair(size)
+    h, w = pair(size)
 
     def op(ex):
         tf = tf_module()
@@ -123,7 +120,7 @@ def video_resize(size, method: str = "bilinear"):
 @register("video_random_crop")
 def video_random_crop(size, pad: int = 0):
     """The same random ``h x w`` window in every frame (after zero-padding by ``pad``)."""
-    h, w = _pair(size)
+    h, w = pair(size)
 
     def op(ex):
         tf = tf_module()
@@ -140,7 +137,7 @@ def video_random_crop(size, pad: int = 0):
 
 @register("video_central_crop")
 def video_central_crop(size):
-    h, w = _pair(size)
+    h, w = pair(size)
 
     def op(ex):
         tf = tf_module()
