@@ -26,11 +26,47 @@ from seqvis.errors import ConfigError
 FIELD = "config.data.train_examples"
 
 
+# ============================================================================ the rules (each checked here only)
+
+
+def check_multiple(size: int, k: int, from_config: bool = True) -> None:
+    """``size`` must be a multiple of the ``k`` classes (each class gets ``size / k``).
+
+    ``from_config``: ``k`` is ``config.data.num_classes`` (named in the message) rather than
+    counted from the labels."""
+    if size % k:
+        lo, hi = (size // k) * k, (size // k + 1) * k
+        classes = f"config.data.num_classes={k}" if from_config else f"the {k} classes"
+        raise ConfigError(f"{FIELD}={size} is not a multiple of {classes}, so the classes cannot get equal counts; "
+                          f"use {lo or hi} or {hi}.")
+
+
+def check_fits(size: int, split_size: int, k: int | None = None, split: str = "") -> None:
+    """``size`` must not exceed the ``split_size`` examples of the training split (``split``: how to
+    name it, e.g. ``'train' of fashion_mnist_idx``); the advice is the largest multiple of ``k``."""
+    if size > split_size:
+        at_most = (split_size // k) * k if k else split_size
+        raise ConfigError(f"{FIELD}={size} exceeds the training split {split + ' ' if split else ''}"
+                          f"({split_size:,} examples); use at most {at_most} (0 = the whole split).")
+
+
+def subset_seed(cfg: Any) -> int:
+    """``config.data.subset_seed`` as an int (default 0), refused when negative."""
+    seed = (cfg.get("subset_seed", 0) if cfg is not None else 0) or 0
+    if int(seed) < 0:
+        raise ConfigError(f"config.data.subset_seed={seed} must be >= 0.")
+    return int(seed)
+
+
+# ============================================================================ config -> subset
+
+
 def requested(cfg: Any) -> int:
     """``config.data.train_examples`` as an int (0 = the whole split), checked without reading data.
 
-    Refused: a negative or non-integer value, and a value that is not a multiple of
-    ``config.data.num_classes`` (the classes could not all get the same count).
+    Refused: a negative or non-integer value, a value that is not a multiple of
+    ``config.data.num_classes`` (the classes could not all get the same count), a negative
+    ``subset_seed``.
     """
     raw = cfg.get("train_examples", 0) if cfg is not None else 0
     if raw is None or raw == 0:
@@ -40,13 +76,9 @@ def requested(cfg: Any) -> int:
                           "e.g. --config.data.train_examples=1000.")
     n = int(raw)
     k = cfg.get("num_classes", None)
-    if k and n % int(k):
-        lo, hi = (n // int(k)) * int(k), (n // int(k) + 1) * int(k)
-        raise ConfigError(f"{FIELD}={n} is not a multiple of config.data.num_classes={k}, so the classes cannot get "
-                          f"equal counts; use {lo or hi} or {hi}.")
-    seed = cfg.get("subset_seed", 0) or 0
-    if int(seed) < 0:
-        raise ConfigError(f"config.data.subset_seed={seed} must be >= 0.")
+    if k:
+        check_multiple(n, int(k))
+    subset_seed(cfg)
     return n
 
 
@@ -65,12 +97,8 @@ def subset_indices(labels: np.ndarray, size: int, seed: int, num_classes: int | 
         raise ConfigError(f"{FIELD}={size}: a balanced subset needs integer class labels; this split's labels are "
                           f"{labels.dtype}. Set {FIELD}=0 to train on the whole split.")
     k = int(num_classes) if num_classes else int(labels.max()) + 1
-    if size > labels.size:
-        raise ConfigError(f"{FIELD}={size} exceeds the training split ({labels.size:,} examples); use at most "
-                          f"{(labels.size // k) * k} (0 = the whole split).")
-    if size % k:
-        raise ConfigError(f"{FIELD}={size} is not a multiple of the {k} classes, so the classes cannot get equal "
-                          f"counts; use {(size // k) * k or k} or {(size // k + 1) * k}.")
+    check_fits(size, labels.size, k)
+    check_multiple(size, k, from_config=bool(num_classes))
     per_class = size // k
     counts = np.bincount(labels, minlength=k)
     if len(counts) > k:
