@@ -90,6 +90,11 @@ def get_config(arg: str | None = None):
         beam_size=3,
         length_penalty=0.0,  # α of ((5 + |y|) / 6)^α; 0 ranks by log-probability
         batch_size=256,      # images per jit-compiled decoding call
+        # Transformer only: decode with a key/value cache (True) or re-run the whole prefix at every
+        # step (False, the reference path; same parameters, same captions). Decoding only, so it is
+        # here and not in config.model: it can change between training and evaluation or on resume.
+        # The LSTM decoders carry only their state from step to step; for them it stays unset.
+        kv_cache=True if model == "transformer" else ml_collections.config_dict.placeholder(bool),
     ))
 
     # ------------------------------------------------------------------ optimisation

@@ -3,10 +3,12 @@
 The reference is the same model with ``kv_cache=False``: every step re-runs the whole causal
 prefix through the decoder (and re-projects the image regions), which is what teacher forcing
 computes. The cached model must produce the same tokens on trained weights, and its cache must
-hold exactly the positions written so far, up to the last slot.
+hold exactly the positions written so far, up to the last slot. ``config.decode.kv_cache``
+reaches the model from the command line and is refused for the LSTM decoders.
 """
 
 import functools
+import os
 
 import flax.linen as nn
 import jax
@@ -14,10 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
+from seqvis.data.tokenizer import Tokenizer
+from seqvis.errors import ConfigError
 from seqvis.models import captioning as cap
 from seqvis.models import decoding
 from seqvis.models.attention import MultiHeadAttention
+from seqvis.train import captioning as task_lib
+from seqvis.train.checkpoint import resume_problems
 
 PAD, BOS, EOS = 0, 1, 2
 GRID, CELL, COLOURS = 3, 8, 3
@@ -247,3 +255,44 @@ def test_parameter_names_and_teacher_forcing_do_not_depend_on_the_cache(trained)
     init_a = make(True).init(jax.random.key(0), images, tokens[:, :-1])
     init_b = make(False).init(jax.random.key(0), images, tokens[:, :-1])
     assert jax.tree.all(jax.tree.map(lambda p, q: bool((p == q).all()), init_a, init_b))
+
+
+# ============================================================================ config.decode.kv_cache
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _command_line_config(arg, *overrides):
+    """The config as ``python -m seqvis.main --config=configs/captioning.py:ARG OVERRIDES`` parses it."""
+    argv = ["prog", f"--config={os.path.join(ROOT, 'configs', 'captioning.py')}:{arg}", *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+def test_config_decode_kv_cache_from_the_command_line():
+    tok = Tokenizer([f"w{i}" for i in range(6)])
+    built = {}
+    for overrides, want in (((), True), (("--config.decode.kv_cache=False",), False),
+                            (("--config.decode.kv_cache=True",), True)):
+        config = _command_line_config("transformer", *overrides)
+        task = task_lib.CaptioningTask(config)
+        task.set_tokenizer(tok)
+        assert isinstance(task.model, cap.TransformerCaptioner) and task.model.kv_cache is want
+        built[want] = config.to_dict()
+    # Decoding only: switching it is no change of the checkpoint's contents or of the data stream.
+    assert resume_problems(built[True], built[False], None, 1) == ([], [])
+    # The LSTM decoders have no cache: the field is unset, and setting it is refused by name.
+    for name in ("show_and_tell", "show_attend_tell"):
+        assert _command_line_config(name).decode.kv_cache is None
+        task_lib.check_config(_command_line_config(name))
+        config = _command_line_config(name, "--config.decode.kv_cache=False")
+        with pytest.raises(ConfigError, match=rf"config.decode.kv_cache=False applies to the transformer .*{name}"):
+            task_lib.CaptioningTask(config)
+    # In config.model (where the module attribute lives) it is pointed to config.decode.
+    config = _command_line_config("transformer")
+    with config.unlocked():
+        config.model.kv_cache = False
+    with pytest.raises(ConfigError, match=r"config.model.kv_cache: .* config.decode.kv_cache"):
+        task_lib.CaptioningTask(config)

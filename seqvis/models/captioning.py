@@ -312,6 +312,7 @@ class TransformerCaptioner(nn.Module):
       dropout_rate, attention_dropout_rate: regularisation.
       kv_cache: decode with a key/value cache (``step`` runs one token); False re-runs the whole
         causal prefix at every step (the reference). Training and parameters do not depend on it.
+        The task sets it from ``config.decode.kv_cache`` (``--config.decode.kv_cache=False``).
       dtype: compute dtype of the matmuls (None: float32); parameters, LayerNorm statistics,
         the attention softmax and the logits stay float32 (seqvis.train.precision).
     """

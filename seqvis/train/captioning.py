@@ -21,8 +21,11 @@ loss and metrics average over its references. Metrics: ``nll`` (mean CE per word
 
 Final evaluation (:mod:`seqvis.train.captioning_eval`): the eval split decoded greedily and
 with beam search, BLEU-1..4, CIDEr-D and grounding, the caption files. ``python -m
-seqvis.train.captioning --workdir=DIR`` runs it again from a trained workdir (the command
-stays here because it needs the task, and the evaluation module does not import the task).
+seqvis.train.captioning --workdir=DIR [--kv_cache=false]`` runs it again from a trained workdir
+(the command stays here because it needs the task, and the evaluation module does not import
+the task). ``config.decode.kv_cache`` (transformer only): decode with the key/value cache
+(True, the default) or re-run the whole prefix at every step (False, the reference path); the
+captions and the checkpoint are the same either way.
 """
 
 from __future__ import annotations
@@ -79,6 +82,9 @@ def check_config(config: Any) -> None:
         raise ConfigError(f"config.model.name={None if model is None else model.get('name')!r} is not a captioning "
                           f"model; use one of {sorted(cap.MODELS)}.")
     extra = set(_as_dict(model)) - _MODEL_FIELDS[model.name] - {"name", "encoder"}
+    if "kv_cache" in extra:
+        raise ConfigError("config.model.kv_cache: the key/value cache is a decoding choice, set by "
+                          "config.decode.kv_cache (e.g. --config.decode.kv_cache=False); remove config.model.kv_cache.")
     if extra:
         raise ConfigError(f"config.model has field(s) {sorted(extra)} that {model.name} does not use; valid: "
                           f"{sorted(_MODEL_FIELDS[model.name])} (+ name, encoder).")
@@ -102,6 +108,13 @@ def check_config(config: Any) -> None:
         raise ConfigError(f"config.decode.beam_size={dec.get('beam_size')} must be >= 1.")
     if float(dec.get("length_penalty", 0.0)) < 0:
         raise ConfigError(f"config.decode.length_penalty={dec.get('length_penalty')} must be >= 0.")
+    kv = dec.get("kv_cache", None)
+    if kv is not None and model.name != "transformer":
+        raise ConfigError(f"config.decode.kv_cache={kv} applies to the transformer decoder only (it caches the "
+                          f"self-attention keys/values of the words so far); {model.name} is an LSTM, whose step "
+                          "carries only its state. Remove --config.decode.kv_cache.")
+    if kv is not None and not isinstance(kv, bool):
+        raise ConfigError(f"config.decode.kv_cache={kv!r} must be True or False.")
     nd = jax.local_device_count()
     if int(dec.get("batch_size", 0)) <= 0 or int(dec.batch_size) % nd:
         raise ConfigError(f"config.decode.batch_size={dec.get('batch_size')} must be a positive multiple of the "
@@ -135,8 +148,10 @@ def build_encoder(enc_cfg: dict, dtype: Any = None) -> nn.Module:
     return cap.ViTGridEncoder(vit=vit.build(variant, num_classes=None, pool="gap", **cfg))
 
 
-def build_captioner(model_cfg: Any, vocab_size: int, max_positions: int, dtype: Any = None) -> nn.Module:
-    """``config.model`` -> captioner; ``dtype`` is the precision policy's compute dtype (None: float32)."""
+def build_captioner(model_cfg: Any, vocab_size: int, max_positions: int, dtype: Any = None,
+                    kv_cache: bool | None = None) -> nn.Module:
+    """``config.model`` -> captioner; ``dtype`` is the precision policy's compute dtype (None: float32);
+    ``kv_cache`` is ``config.decode.kv_cache`` (transformer only; None: the model's default, True)."""
     cfg = _as_dict(model_cfg)
     cfg.pop("dtype", None)
     name = cfg.pop("name")
@@ -145,6 +160,10 @@ def build_captioner(model_cfg: Any, vocab_size: int, max_positions: int, dtype: 
         cfg["dtype"] = dtype
     if name == "transformer":
         cfg["max_positions"] = max_positions
+        if kv_cache is not None:
+            cfg["kv_cache"] = bool(kv_cache)
+    elif kv_cache is not None:
+        raise ConfigError(f"config.decode.kv_cache applies to the transformer decoder only, not {name}.")
     return cap.MODELS[name](encoder=encoder, vocab_size=vocab_size, **cfg)
 
 
@@ -203,7 +222,7 @@ class CaptioningTask(Task):
 
     def build_model(self) -> nn.Module:
         return build_captioner(self.config.model, self.tokenizer.vocab_size, self.max_len - 1,
-                               compute_dtype(self.config))
+                               compute_dtype(self.config), self.config.decode.get("kv_cache", None))
 
     def setup(self, workdir: str, data_lib: Any) -> None:
         path = os.path.join(workdir, VOCAB_FILE)
@@ -389,22 +408,27 @@ class CaptioningTask(Task):
 # ============================================================================ re-evaluation
 
 
-def workdir_task(workdir: str, data_lib: Any) -> "CaptioningTask":
-    """The task of a trained captioning workdir, from its ``config.json``, with its vocabulary loaded."""
+def workdir_task(workdir: str, data_lib: Any, kv_cache: bool | None = None) -> "CaptioningTask":
+    """The task of a trained captioning workdir, from its ``config.json``, with its vocabulary loaded;
+    ``kv_cache`` (not None) replaces ``config.decode.kv_cache`` (decoding only: the checkpoint still loads)."""
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
     if config.get("task") != "captioning":
         raise ValueError(f"{workdir} is not a captioning workdir (config.task={config.get('task')!r}).")
+    if kv_cache is not None:
+        config.decode.kv_cache = bool(kv_cache)
     task = CaptioningTask(config)
     task.setup(workdir, data_lib)
     return task
 
 
-def evaluate_workdir(workdir: str) -> dict[str, Any]:
+def evaluate_workdir(workdir: str, kv_cache: bool | None = None) -> dict[str, Any]:
     """Run the final evaluation again from the newest checkpoint of a captioning workdir.
 
-    The new values are merged into ``workdir/results.json`` (training fields are kept)."""
-    task = workdir_task(workdir, data_pipeline)
+    The new values are merged into ``workdir/results.json`` (training fields are kept).
+    ``kv_cache``: decode the transformer with (True) or without (False) the key/value cache;
+    None keeps the workdir's ``config.decode.kv_cache``."""
+    task = workdir_task(workdir, data_pipeline, kv_cache)
     variables = restore_variables(workdir, task.config.to_dict())  # written by this config's model, or refused
     results = task.final_evaluation(variables, task.config, workdir, data_pipeline)
     path = os.path.join(workdir, "results.json")
@@ -420,8 +444,11 @@ def evaluate_workdir(workdir: str) -> dict[str, Any]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Re-run the captioning final evaluation of a trained workdir.")
     p.add_argument("--workdir", required=True)
+    p.add_argument("--kv_cache", choices=("true", "false"), default=None,
+                   help="transformer decoder: decode with the key/value cache or without it (the reference "
+                        "path); default: the workdir's config.decode.kv_cache")
     a = p.parse_args(argv)
-    out = evaluate_workdir(a.workdir)
+    out = evaluate_workdir(a.workdir, None if a.kv_cache is None else a.kv_cache == "true")
     print(json.dumps({k: v for k, v in out.items() if not isinstance(v, (dict, list))}, indent=1))
 
 

@@ -124,6 +124,8 @@ def final_evaluation(task: Any, variables: dict, config: Any, workdir: str, data
     results["beam_size"] = int(dec.beam_size)
     results["length_penalty"] = float(dec.get("length_penalty", 0.0))
     results["vocab_size"] = tok.vocab_size
+    if hasattr(model, "kv_cache"):  # the transformer: with or without the key/value cache (same captions)
+        results["kv_cache"] = bool(model.kv_cache)
     results["decode_seconds"] = time.time() - t0
     if jax.process_index() == 0:
         write_json(os.path.join(workdir, "captions_test.json"), _coco_results(caps_by_method["beam"]))
