@@ -415,3 +415,48 @@ def test_stacked_rnn_dropout_between_layers():
 def test_stacked_rnn_rejects_a_cell_instance():
     with pytest.raises(TypeError, match="name .* or a factory"):
         rec.StackedRNN(H, cell=rec.LSTMCell(H)).init(jax.random.key(0), jnp.zeros((1, 2, D)))
+
+
+# --------------------------------------------------------------------------- split input product
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_split_input_product_equals_the_step_by_step_layer(kind, reverse):
+    """``split_input_product=True`` (x @ W + b of all steps before the scan): same parameters,
+    outputs, final carry and gradients as the default layer, with padding and in reverse."""
+    layer, params = _layer(kind, reverse)
+    split = rec.Recurrent(rec.make_cell(kind, H), reverse=reverse, split_input_product=True)
+    split_params = split.init(jax.random.key(0), jnp.zeros((B, T, D)))["params"]
+    assert jax.tree.map(jnp.shape, split_params) == jax.tree.map(jnp.shape, params)
+    x = _inputs(5)
+    for lengths in (None, LENGTHS):
+        y, carry = layer.apply({"params": params}, x, lengths)
+        ys, carry_s = split.apply({"params": params}, x, lengths)
+        np.testing.assert_allclose(ys, y, rtol=1e-5, atol=1e-6)
+        _assert_tree_close(carry_s, carry, rtol=1e-5, atol=1e-6)
+        ref_y, _ = _loop(kind, params["cell"], x, reverse=reverse)
+        if lengths is None:
+            np.testing.assert_allclose(ys, ref_y, rtol=1e-5, atol=1e-6)
+
+        def loss(p, model):
+            out, c = model.apply({"params": p}, x, lengths)
+            return jnp.sum(out ** 2) + sum(jnp.sum(v) for v in jax.tree.leaves(c))
+
+        _assert_tree_close(jax.grad(loss)(params, split), jax.grad(loss)(params, layer), rtol=1e-4, atol=1e-5)
+
+
+def test_split_input_product_only_for_unmodified_cells():
+    class Doubling(rec.GRUCell):
+        def __call__(self, carry, inputs):
+            return super().__call__(carry, 2.0 * inputs)
+
+    assert rec._splits_input_product(rec.LSTMCell(H)) and rec._splits_input_product(rec.GRUCell(H))
+    assert not rec._splits_input_product(Doubling(H)) and not rec._splits_input_product(nn.GRUCell(H))
+    x = _inputs(6)
+    for split in (False, True):
+        layer = rec.Recurrent(Doubling(H), split_input_product=split)
+        params = layer.init(jax.random.key(0), x)["params"]
+        y, _ = layer.apply({"params": params}, x)
+        ref, _ = rec.Recurrent(rec.GRUCell(H)).apply({"params": params}, 2.0 * x)
+        np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
