@@ -2,6 +2,7 @@
 
     python -m experiments.benchmark [--steps 20] [--models default,ti4_32]
     python -m experiments.benchmark --input=default,jpeg,jpeg_1core,resume   # the input pipeline alone
+    python -m experiments.benchmark --compare --peer_python=/work/peers/bin/python  # vs timm / torch.nn
 
 Prints one JSON line per (model, mode). The train step is the real seqvis step (pmap over
 all local devices, optimiser update included) on synthetic batches, so the input pipeline
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import time
 
 import jax
@@ -25,7 +28,8 @@ from seqvis.train import optim, step as step_lib
 from seqvis.train.tasks import get_task
 
 
-def _configs():
+def vit_config(arg: str = "") -> ml_collections.ConfigDict:
+    """``configs/vit.py:ARG`` (the default job's config for an empty ``arg``)."""
     import importlib.util
     import os
 
@@ -33,8 +37,12 @@ def _configs():
     spec = importlib.util.spec_from_file_location("vit_config", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    default = mod.get_config()
-    ti4 = mod.get_config("Ti/4,cifar10")
+    return mod.get_config(arg or None)
+
+
+def _configs():
+    default = vit_config()
+    ti4 = vit_config("Ti/4,cifar10")
     ti4.batch_size = 64
     return {"default": default, "ti4_32": ti4}
 
@@ -92,7 +100,25 @@ def main():
     ap.add_argument("--models", default="default,ti4_32")
     ap.add_argument("--input", default="", help="measure the input pipeline alone (experiments.input_benchmark)")
     ap.add_argument("--input_batches", type=int, default=40)
+    ap.add_argument("--compare", action="store_true",
+                    help="seqvis against timm / torch.nn, side by side (experiments.compare)")
+    ap.add_argument("--peer_python", default=os.environ.get("SEQVIS_PEER_PYTHON", sys.executable),
+                    help="--compare: interpreter with torch (+ timm) for the peer side "
+                         "(default $SEQVIS_PEER_PYTHON, else this interpreter)")
+    ap.add_argument("--workloads", default="",
+                    help="--compare: comma-separated subset of experiments.compare.WORKLOADS (default all)")
+    ap.add_argument("--repeats", type=int, default=3, help="--compare: alternating timed runs per side")
+    ap.add_argument("--steps_scale", type=float, default=1.0,
+                    help="--compare: multiply each workload's steps per timed run")
     args = ap.parse_args()
+    if args.compare:
+        from experiments import compare
+
+        names = [n for n in args.workloads.split(",") if n] or list(compare.WORKLOADS)
+        for n in names:
+            compare.workload(n)  # fail early on a bad name
+        compare.main(names, args.peer_python, repeats=args.repeats, steps_scale=args.steps_scale)
+        return
     if args.input:
         from experiments import input_benchmark
 

@@ -1,0 +1,153 @@
+"""The peer side of ``python -m experiments.benchmark --compare``: timm / torch.nn workloads.
+
+Run by the peer interpreter (``--peer_python``, e.g. ``/work/peers/bin/python``) as a child of
+the seqvis benchmark; it never imports jax or seqvis, and seqvis never imports torch. It reads
+one JSON request per line on stdin and answers one JSON line on stdout:
+
+    {"cmd": "info"}                       -> versions, torch threads, float32 matmul GFLOP/s
+    {"cmd": "setup", "workload": {...}}   -> builds the model, runs warm-up steps
+    {"cmd": "run", "name": N, "steps": k} -> {"seconds": wall time of k steps}
+    {"cmd": "quit"}
+
+A workload is a plain dict of shapes (see ``experiments.compare.WORKLOADS``), so both sides
+build the same network from the same numbers:
+
+* ``kind="vit"``: ``timm.models.vision_transformer.VisionTransformer`` (class token, learned
+  position embedding, pre-LN blocks, qkv bias), trained with AdamW + global-norm clipping and
+  cross-entropy, or run under ``torch.inference_mode()``.
+* ``kind="rnn"``: ``torch.nn.LSTM`` / ``torch.nn.GRU`` (one layer, batch first), trained with
+  Adam on ``mean(outputs ** 2)``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def _matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    import torch
+
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return 2 * n ** 3 / times[len(times) // 2] / 1e9
+
+
+def info() -> dict:
+    import torch
+
+    out = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0]}
+    try:
+        import timm
+
+        out["timm"] = timm.__version__
+    except ImportError as e:  # the recurrent workloads still run
+        out["timm"] = None
+        out["timm_error"] = str(e)
+    out["matmul_gflops_float32"] = _matmul_gflops()
+    return out
+
+
+class _Vit:
+    def __init__(self, w: dict):
+        import torch
+        from timm.models.vision_transformer import VisionTransformer
+
+        torch.manual_seed(0)
+        h, wd, c = w["image_shape"]
+        self.train = w["mode"] == "train"
+        self.model = VisionTransformer(
+            img_size=(h, wd), patch_size=w["patch"], in_chans=c, num_classes=w["num_classes"],
+            embed_dim=w["width"], depth=w["depth"], num_heads=w["heads"], mlp_ratio=w["mlp_dim"] / w["width"],
+            class_token=True, global_pool="token", qkv_bias=True)
+        b = w["batch"]
+        self.x = torch.randn(b, c, h, wd)
+        self.y = torch.randint(0, w["num_classes"], (b,))
+        self.clip = w.get("grad_clip_norm")
+        if self.train:
+            self.model.train()
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=w.get("weight_decay", 0.0))
+            self.loss = torch.nn.CrossEntropyLoss()
+        else:
+            self.model.eval()
+
+    def step(self):
+        import torch
+
+        if self.train:
+            self.opt.zero_grad(set_to_none=True)
+            loss = self.loss(self.model(self.x), self.y)
+            loss.backward()
+            if self.clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            self.opt.step()
+        else:
+            with torch.inference_mode():
+                self.model(self.x)
+
+
+class _Rnn:
+    def __init__(self, w: dict):
+        import torch
+
+        torch.manual_seed(0)
+        cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[w["cell"]]
+        self.model = cls(w["in"], w["hidden"], num_layers=1, batch_first=True)
+        self.x = torch.randn(w["batch"], w["T"], w["in"])
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+
+    def step(self):
+        self.opt.zero_grad(set_to_none=True)
+        out, _ = self.model(self.x)
+        (out ** 2).mean().backward()
+        self.opt.step()
+
+
+KINDS = {"vit": _Vit, "rnn": _Rnn}
+
+
+def serve(stdin=sys.stdin, stdout=sys.stdout) -> None:
+    built: dict = {}
+    for line in stdin:
+        req = json.loads(line)
+        try:
+            cmd = req["cmd"]
+            if cmd == "quit":
+                return
+            if cmd == "info":
+                resp = info()
+            elif cmd == "setup":
+                w = req["workload"]
+                t = time.perf_counter()
+                runner = KINDS[w["kind"]](w)
+                for _ in range(int(req.get("warmup", 2))):
+                    runner.step()
+                built[w["name"]] = runner
+                resp = {"setup_seconds": time.perf_counter() - t}
+            elif cmd == "run":
+                runner = built[req["name"]]
+                t = time.perf_counter()
+                for _ in range(int(req["steps"])):
+                    runner.step()
+                resp = {"seconds": time.perf_counter() - t}
+            elif cmd == "drop":
+                built.pop(req["name"], None)
+                resp = {}
+            else:
+                resp = {"error": f"unknown command {cmd!r}"}
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which carries on without this row
+            resp = {"error": f"{type(e).__name__}: {e}"}
+        stdout.write(json.dumps(resp) + "\n")
+        stdout.flush()
+
+
+if __name__ == "__main__":
+    serve()
