@@ -1,13 +1,20 @@
-"""Kill -9 suite: a training subprocess (the real command line, ``python -m seqvis.main``) is
-interrupted several times at moments drawn from a fixed RNG -- Ctrl-C, SIGKILL while a
-checkpoint is being written, SIGKILL after a random step, SIGKILL at a random time after
-start -- and re-run each time with the same command. Its final train state must be
-bit-identical to an uninterrupted run's, metrics.jsonl must hold each step once, and no
+"""Kill -9 suite: a training subprocess (the real command line: seqvis.main's ``main`` under
+``absl.app.run``) is interrupted at moments drawn from a fixed RNG -- Ctrl-C after a random step;
+SIGKILL while a checkpoint is being written, after a random step; SIGKILL at a random time after it
+starts (restoring, cleaning up, preparing, compiling or training) -- and re-run each time with the
+same command; the last re-run, to the end, is in-process. The final train state must be bit-identical
+to an uninterrupted run's, metrics.jsonl and the TensorBoard files must hold each step once, and no
 unfinished checkpoint directory may be left.
 
 "While a checkpoint is being written" is made certain rather than hoped for: the worker
 holds orbax's finalisation of one chosen step (its files are in ``N.orbax-checkpoint-tmp``,
-not yet committed) and says so on stderr; the test kills it then.
+not yet committed) and says so on stderr; training goes on meanwhile (the write is
+asynchronous) and the test kills it a random step later.
+
+Speed (the test is start-up bound: importing TensorFlow, jax, flax and orbax is ~13 s of a ~20 s
+run): the workers are started together at the beginning, import what the command imports (console
+set up first, as ``main`` does) and wait on stdin; the test lets each one go in turn. Their imports
+overlap each other and the in-process reference run; nothing touches the workdir before the go.
 """
 
 import importlib.util
@@ -45,7 +52,14 @@ TOTAL = 16
 WORKER = r"""
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
-hold = int(os.environ.get("SEQVIS_TEST_HOLD_STEP", "0"))
+from seqvis import main
+main.setup_console(False)  # what main() does first, then the imports it defers
+import seqvis.train.trainer, seqvis.data.pipeline, tensorflow, tensorflow_datasets  # noqa: E401
+print("READY", file=sys.stderr, flush=True)
+go = sys.stdin.readline()  # the test's go: the step whose checkpoint write to hold, or 0
+if not go:  # the test ended without letting this one go
+    sys.exit(0)
+hold = int(go)
 if hold:  # keep step `hold` in its tmp directory (written, not committed) until killed
     from orbax.checkpoint import checkpoint_manager as cm
     real = cm.CheckpointManager._finalize
@@ -56,7 +70,6 @@ if hold:  # keep step `hold` in its tmp directory (written, not committed) until
         return real(self, step, steps_to_remove)
     cm.CheckpointManager._finalize = _finalize
 from absl import app
-from seqvis import main
 app.run(main.main)
 """
 
@@ -64,7 +77,7 @@ OVERRIDES = {
     "model.width": 32, "model.depth": 1, "model.mlp_dim": 64, "model.num_heads": 2,
     "batch_size": 32, "eval_batch_size": 64, "total_steps": TOTAL, "schedule.warmup_steps": 2,
     "checkpoint_every_steps": 2, "keep_checkpoints": 2, "log_every_steps": 1, "async_checkpointing": True,
-    "count_flops": False, "tensorboard": False, "data.shuffle_buffer": 256,
+    "count_flops": False, "tensorboard": True, "data.shuffle_buffer": 256,
     "data.pp_train": "decode|random_crop(28, pad=2)|flip_lr|value_range(-1, 1)",  # the stream position matters
 }
 
@@ -81,8 +94,10 @@ def make_config(idx_dir, data_dir):
 
 
 class Worker:
-    def __init__(self, workdir, idx_dir, data_dir, hold=0):
-        env = dict(os.environ, PYTHONPATH=ROOT, SEQVIS_TEST_HOLD_STEP=str(hold))
+    """A standby command line: started at once, it imports and waits for :meth:`go`."""
+
+    def __init__(self, workdir, idx_dir, data_dir):
+        env = dict(os.environ, PYTHONPATH=ROOT)
         cache = jax.config.jax_compilation_cache_dir
         if cache:
             env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
@@ -92,7 +107,7 @@ class Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", WORKER, f"--config={os.path.join(ROOT, 'configs', 'vit.py')}",
              f"--workdir={workdir}", *args],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self.stdout = ""
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -101,6 +116,12 @@ class Worker:
     def _read(self):
         for line in self.proc.stderr:
             self.lines.append(line)
+
+    def go(self, hold=0):
+        """Run the command (once imported); ``hold``: the step whose checkpoint write never completes."""
+        self.wait_for("READY")
+        self.proc.stdin.write(f"{hold}\n")
+        self.proc.stdin.close()
 
     def wait_for(self, text, timeout=120.0):
         t0 = time.time()
@@ -114,7 +135,8 @@ class Worker:
         raise AssertionError(f"worker never printed {text!r}; stderr:\n{''.join(self.lines)}")
 
     def signal(self, sig):
-        self.proc.send_signal(sig)
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
         return self.finish()
 
     def kill(self):
@@ -128,7 +150,14 @@ class Worker:
 
     @property
     def stderr(self):
-        return "".join(self.lines)
+        return "".join(line for line in self.lines if line != "READY\n")
+
+    def assert_quiet(self):
+        """seqvis' own lines only (no absl/TF/orbax log lines, warnings or tracebacks)."""
+        noise = [line for line in self.stderr.splitlines()
+                 if re.match(r"[IWEF]\d{4} \d\d:\d\d", line) or "Warning" in line or "Traceback" in line
+                 or line.startswith(("WARNING", "INFO"))]
+        assert not noise, self.stderr
 
 
 def last_step(workdir):
@@ -141,7 +170,21 @@ def read_state(workdir, step):
     return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
 
 
-def test_killed_and_resumed_run_is_bit_identical(tmp_path):
+def tensorboard_steps(logdir):
+    """``{tag: [step, ...]}`` over every event file under ``logdir``, in reading order."""
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    out = {}
+    for path in sorted(os.path.join(d, n) for d, _, names in os.walk(logdir) for n in names if "tfevents" in n):
+        for raw in tf.data.TFRecordDataset(path):
+            event = event_pb2.Event.FromString(raw.numpy())
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append(int(event.step))
+    return out
+
+
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, caplog):
     rng = random.Random(1313)  # the kill moments: reproducible
     idx_dir, data_dir = tmp_path / "idx", str(tmp_path / "tfds")
     idx_dir.mkdir()
@@ -150,53 +193,56 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path):
         write_idx(idx_dir / f"{prefix}-images-idx3-ubyte.gz", r.integers(0, 255, (n, 28, 28)))
         write_idx(idx_dir / f"{prefix}-labels-idx1-ubyte.gz", r.integers(0, 10, n))
     idx_dir = str(idx_dir)
-
-    # The uninterrupted run (in this process; it also prepares the data set for the workers).
-    ref = str(tmp_path / "ref")
-    train_and_evaluate(make_config(idx_dir, data_dir), ref)
-
     run = str(tmp_path / "run")
-    # 1. Ctrl-C after a random step: one line, no traceback.
-    w = Worker(run, idx_dir, data_dir)
-    k = rng.randint(3, 6)
-    w.wait_for(f"step {k}/{TOTAL}")
-    assert w.signal(signal.SIGINT) == 130
-    resume = last_step(run)
-    assert "Traceback" not in w.stderr, w.stderr
-    assert f"re-run the same command to resume from step {resume} ({run})." in w.stderr.splitlines()[-1]
-    assert w.stderr.splitlines()[-1].startswith("interrupted at step ")
+    workers = [Worker(run, idx_dir, data_dir) for _ in range(3)]  # importing while the reference trains
+    try:
+        # The uninterrupted run (in this process; it also prepares the data set for the workers).
+        ref = str(tmp_path / "ref")
+        train_and_evaluate(make_config(idx_dir, data_dir), ref)
 
-    # 2. SIGKILL while a checkpoint is being written.
-    hold = rng.choice([s for s in range(resume + 2, TOTAL - 3, 2)])
-    w = Worker(run, idx_dir, data_dir, hold=hold)
-    w.wait_for(f"WRITING {hold}")
-    w.kill()
-    assert any(n.startswith(f"{hold}.orbax-checkpoint-tmp") for n in os.listdir(os.path.join(run, "checkpoints")))
-    assert last_step(run) == hold - 2
+        # 1. Ctrl-C after a random step: one line, no traceback.
+        w = workers[0]
+        w.go()
+        k = rng.randint(3, 6)
+        w.wait_for(f"step {k}/{TOTAL}")
+        assert w.signal(signal.SIGINT) == 130
+        resume = last_step(run)
+        assert "Traceback" not in w.stderr, w.stderr
+        assert f"re-run the same command to resume from step {resume} ({run})." in w.stderr.splitlines()[-1]
+        assert w.stderr.splitlines()[-1].startswith("interrupted at step ")
+        w.assert_quiet()
 
-    # 3. SIGKILL at a random moment after a random step.
-    w = Worker(run, idx_dir, data_dir)
-    k = rng.randint(hold + 1, TOTAL - 1)
-    w.wait_for(f"step {k}/{TOTAL}")
-    time.sleep(rng.uniform(0.0, 0.3))
-    w.kill()
+        # 2. SIGKILL while a checkpoint is being written, a random step after the write started (training
+        # goes on while it is written, until the next save waits for it).
+        hold = rng.choice([s for s in range(resume + 2, TOTAL - 3, 2)])
+        w = workers[1]
+        w.go(hold)
+        w.wait_for(f"WRITING {hold}")
+        w.wait_for(f"step {rng.choice([hold + 1, hold + 2])}/{TOTAL}")
+        w.kill()
+        assert any(n.startswith(f"{hold}.orbax-checkpoint-tmp") for n in os.listdir(os.path.join(run, "checkpoints")))
+        assert last_step(run) == hold - 2
+        assert f"Resuming from step {resume}" in w.stderr
+        w.assert_quiet()
 
-    # 4. SIGKILL at a random time after start (importing, preparing, compiling or training).
-    w = Worker(run, idx_dir, data_dir)
-    time.sleep(rng.uniform(0.5, 3.0))
-    w.kill()
+        # 3. SIGKILL at a random time after the command starts (restoring and cleaning up, preparing the
+        # input, compiling or training).
+        w = workers[2]
+        w.go()
+        time.sleep(rng.uniform(0.0, 4.0))
+        w.kill()
+        w.assert_quiet()
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.kill()
 
-    # 5. The same command once more, to the end.
+    # 4. The same run once more, to the end (in this process).
     last_before_final = last_step(run)
-    w = Worker(run, idx_dir, data_dir)
-    assert w.finish() == 0, w.stderr
-    assert "test accuracy:" in w.stdout
-    # A quiet console: seqvis' own lines only (no absl/TF/orbax log lines, warnings or tracebacks).
-    noise = [line for line in w.stderr.splitlines()
-             if re.match(r"[IWEF]\d{4} \d\d:\d\d", line) or "Warning" in line or "Traceback" in line
-             or line.startswith(("WARNING", "INFO"))]
-    assert not noise, w.stderr
-    assert f"Resuming from step {last_before_final}" in w.stderr
+    with caplog.at_level("INFO", logger="seqvis"):
+        results = train_and_evaluate(make_config(idx_dir, data_dir), run)
+    assert f"Resuming from step {last_before_final}" in caplog.text
+    assert results["steps"] == TOTAL
 
     a, b = read_state(ref, TOTAL), read_state(run, TOTAL)
     la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
@@ -206,4 +252,6 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, TOTAL + 1))
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [TOTAL]
+    tb = tensorboard_steps(os.path.join(run, "tensorboard"))
+    assert tb["train/loss"] == list(range(1, TOTAL + 1)) and tb["eval/accuracy"] == [TOTAL], tb
     assert not [n for n in os.listdir(os.path.join(run, "checkpoints")) if "tmp" in n]

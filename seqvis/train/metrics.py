@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -17,6 +18,11 @@ from typing import Any
 def _scalar(v: Any) -> float:
     v = float(v)
     return v if math.isfinite(v) else float("nan")
+
+
+def _kept(step: int, is_eval: bool, resume_step: int, total_steps: int | None) -> bool:
+    """Whether a row logged at ``step`` survives a resume at ``resume_step`` (see :func:`truncate_jsonl`)."""
+    return step < resume_step or (step == resume_step and not (is_eval and resume_step == total_steps))
 
 
 def truncate_jsonl(path: str, resume_step: int, total_steps: int | None = None) -> int:
@@ -39,8 +45,7 @@ def truncate_jsonl(path: str, resume_step: int, total_steps: int | None = None) 
             except (ValueError, KeyError, TypeError):
                 dropped += 1
                 continue
-            is_eval = any(k.startswith("eval/") for k in row)
-            if step < resume_step or (step == resume_step and not (is_eval and resume_step == total_steps)):
+            if _kept(step, any(k.startswith("eval/") for k in row), resume_step, total_steps):
                 kept.append(json.dumps(row) + "\n")
             else:
                 dropped += 1
@@ -50,6 +55,78 @@ def truncate_jsonl(path: str, resume_step: int, total_steps: int | None = None) 
             f.writelines(kept)
         os.replace(tmp, path)
     return dropped
+
+
+ORPHANED_TB_DIR = "tensorboard.orphaned"
+
+
+def truncate_tensorboard(logdir: str, resume_step: int, total_steps: int | None = None) -> list[str]:
+    """The TensorBoard event files under ``logdir`` as a run resumed at ``resume_step`` leaves them.
+
+    The same rows as :func:`truncate_jsonl` are dropped (scalars after ``resume_step``, and the final
+    evaluation when it is repeated), so the resumed run writes each step once and no reader (TensorBoard's
+    Python loader, its Rust data server, ``summary_iterator``) shows two curves. Nothing is deleted: each
+    event file that held dropped events is kept whole in ``<workdir>/tensorboard.orphaned/`` (outside the
+    log directory, renamed ``...orphaned-events...`` so TensorBoard does not load it as a run) and replaced
+    in place by a copy of its kept records, byte for byte. A record cut short by a killed writer ends the
+    file's readable part. Returns the paths the originals were kept at.
+
+    Why not TensorBoard's own purge (an event with ``SessionLog.START`` at the resumed step, honoured with
+    ``--purge_orphaned_data``): only its Python loader reads that event. Its Rust data server (used when
+    ``tensorboard-data-server`` is installed, as here) drops a tag's later points only when that tag is
+    written again at an earlier step, so a tag the resumed run never rewrites would keep its orphaned points.
+    """
+    if not os.path.isdir(logdir):
+        return []
+    files = sorted(os.path.join(d, n) for d, _, names in os.walk(logdir) for n in names if "tfevents" in n)
+    if not files:
+        return []
+    import tensorflow as tf
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.util import event_pb2
+
+    workdir = os.path.dirname(os.path.abspath(logdir))
+    orphaned = os.path.join(workdir, ORPHANED_TB_DIR)
+    kept_aside = []
+    for path in files:
+        records, dropped = [], 0
+        try:
+            for raw in tf.data.TFRecordDataset(path):
+                raw = raw.numpy()
+                event = event_pb2.Event.FromString(raw)
+                if event.HasField("summary") and event.summary.value:
+                    is_eval = any(v.tag.startswith("eval/") for v in event.summary.value)
+                    if not _kept(int(event.step), is_eval, resume_step, total_steps):
+                        dropped += 1
+                        continue
+                records.append(raw)
+        except (tf.errors.DataLossError, DecodeError):  # a record cut short (or garbled) by a killed writer
+            dropped += 1
+        if not dropped:
+            continue
+        os.makedirs(orphaned, exist_ok=True)
+        rel = os.path.relpath(path, logdir).replace(os.sep, "__").replace("tfevents", "orphaned-events")
+        tmp = os.path.join(orphaned, f".rewriting.{rel}")  # not in the log directory, not named as an event file
+        with tf.io.TFRecordWriter(tmp) as w:
+            for raw in records:
+                w.write(raw)
+        dest = os.path.join(orphaned, f"resumed-at-{resume_step}.{rel}")
+        n = 1
+        while os.path.exists(dest):
+            dest = os.path.join(orphaned, f"resumed-at-{resume_step}.{n}.{rel}")
+            n += 1
+        try:  # the original stays whole until its filtered copy has replaced it
+            os.link(path, dest)
+        except OSError:
+            shutil.copy2(path, dest)
+        os.replace(tmp, path)
+        with open(os.path.join(orphaned, "README.txt"), "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} resumed at step {resume_step}: "
+                    f"{os.path.relpath(path, workdir)} -> {os.path.basename(dest)} (the whole file; {dropped} "
+                    "record(s) after the resumed step, or cut short, left out of the copy TensorBoard reads). "
+                    "Rename it back (orphaned-events -> tfevents) to view it.\n")
+        kept_aside.append(dest)
+    return kept_aside
 
 
 class MetricWriter:
@@ -66,6 +143,8 @@ class MetricWriter:
         os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, "metrics.jsonl")
         truncate_jsonl(path, resume_step, total_steps)
+        # TensorBoard's files too (whether or not this run writes any), before this run's file exists.
+        truncate_tensorboard(os.path.join(workdir, "tensorboard"), resume_step, total_steps)
         self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             import tensorflow as tf
@@ -83,6 +162,14 @@ class MetricWriter:
             with self._tb.as_default(step=int(step)):
                 for k, v in row.items():
                     tf.summary.scalar(k, v)
+
+    def flush(self) -> None:
+        """Everything written so far reaches the files (the trainer calls it before each checkpoint:
+        what a resume keeps is then on disk, in metrics.jsonl and in TensorBoard's files)."""
+        if self._jsonl is not None:
+            self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -292,7 +292,8 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
                          {"params": host_state.params, **host_state.model_state}),
             task.model_inputs(jax.tree.map(np.asarray, dummy)))
 
-    # metrics.jsonl keeps the rows up to the restored step: each step is logged once.
+    # metrics.jsonl and the TensorBoard files keep the rows up to the restored step: each step is logged
+    # once (the dropped TensorBoard events stay in workdir/tensorboard.orphaned/).
     writer = MetricWriter(workdir, enabled=chief, tensorboard=bool(config.get("tensorboard", True)),
                           resume_step=start_step, total_steps=total_steps)
     run["writer"] = writer
@@ -341,6 +342,7 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
         meta_ = {"step": step_done, "examples_seen": step_done * global_batch, "seed": seed,
                  "process_count": jax.process_count(), "train_seconds": train_seconds(),
                  "data_position": pos, "data_changes": data_changes}
+        writer.flush()  # the rows a resume from this step keeps are on disk before the step is
         ckpt.save(step_done, host, meta_, config_dict)
 
     # ---------------------------------------------------------------- loop
