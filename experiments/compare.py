@@ -315,6 +315,7 @@ def _vit_runner(w: dict):
 
     config = vit_config(w["config"])
     config.batch_size = w["batch"]
+    config.model.update(w.get("model_overrides", {}))  # e.g. {"use_fused_attention": True} for an A/B
     assert list(config.data.image_shape) == list(w["image_shape"]), (config.data.image_shape, w)
     task = get_task(config)
     sched = optim.make_schedule(config.schedule, 10 * max(config.schedule.warmup_steps, 1) + 10)
