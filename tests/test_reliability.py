@@ -480,3 +480,95 @@ def test_case9_metrics_truncation_rules(tmp_path):
             f.write('{"step": 7, "train/lo')  # a line cut short by a kill
         truncate_jsonl(path, resume, total)
         assert [json.loads(line) for line in open(path)] == kept
+
+
+def tensorboard_scalars(logdir):
+    """``{tag: [(step, value), ...]}`` of every scalar in the event files under ``logdir``, in the order the
+    files and records are read (what any reader sees before deduplicating anything)."""
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    out = {}
+    files = sorted(os.path.join(d, n) for d, _, names in os.walk(logdir) for n in names if "tfevents" in n)
+    for path in files:
+        for raw in tf.data.TFRecordDataset(path):
+            event = event_pb2.Event.FromString(raw.numpy())
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((int(event.step), float(tf.make_ndarray(v.tensor))))
+    return out
+
+
+def test_case9_tensorboard_after_resume_has_each_step_once_and_keeps_the_dropped_events(idx_dir, data_dir, tmp_path):
+    """A run stopped at step 6 (steps 1-5 logged) with its checkpoint at 4, resumed to 8, then re-run once finished (it
+    repeats the final evaluation): the event files hold each (tag, step) once, with metrics.jsonl's values,
+    both read raw and through TensorBoard's own loader; the files as they were before each resume are kept
+    whole in tensorboard.orphaned/, outside the log directory and not named as event files."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from seqvis.train.metrics import ORPHANED_TB_DIR
+
+    workdir = str(tmp_path / "tb")
+    logdir = os.path.join(workdir, "tensorboard")
+    config = tiny(idx_dir, data_dir, total_steps=8, log_every_steps=1, checkpoint_every_steps=4, tensorboard=True)
+    assert train_and_evaluate(config, workdir, stop_at_step=6) is None  # stops before step 6 is logged
+    assert [s for s, _ in tensorboard_scalars(logdir)["train/loss"]] == [1, 2, 3, 4, 5]
+    first = {n: open(os.path.join(logdir, n), "rb").read() for n in os.listdir(logdir)}
+
+    train_and_evaluate(config, workdir)  # resumes from step 4
+    train_and_evaluate(config, workdir)  # finished: resumes at step 8 and evaluates again
+
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    expected = {}
+    for r in rows:
+        for k, v in r.items():
+            if k != "step":
+                expected.setdefault(k, []).append((r["step"], v))
+    scalars = tensorboard_scalars(logdir)
+    assert sorted(scalars) == sorted(expected)
+    assert [s for s, _ in scalars["train/loss"]] == list(range(1, 9))
+    assert [s for s, _ in scalars["eval/accuracy"]] == [8]
+    for tag, points in scalars.items():
+        np.testing.assert_allclose([v for _, v in points], [v for _, v in expected[tag]], rtol=1e-6, err_msg=tag)
+
+    # As TensorBoard shows it (its Python loader; its Rust data server reads the same records).
+    acc = event_accumulator.EventAccumulator(logdir, size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    assert sorted(acc.Tags()["tensors"]) == sorted(expected)
+    for tag in expected:
+        assert [e.step for e in acc.Tensors(tag)] == [s for s, _ in expected[tag]], tag
+
+    # Nothing lost: the first run's file, whole, as it was before the first resume.
+    orphaned = os.path.join(workdir, ORPHANED_TB_DIR)
+    kept = sorted(n for n in os.listdir(orphaned) if n != "README.txt")
+    assert kept and not any("tfevents" in n for n in kept)
+    assert [n for n in kept if n.startswith("resumed-at-4.")] == \
+        [f"resumed-at-4.{n.replace('tfevents', 'orphaned-events')}" for n in sorted(first)]
+    for n in first:
+        assert open(os.path.join(orphaned, f"resumed-at-4.{n.replace('tfevents', 'orphaned-events')}"), "rb").read() \
+            == first[n]
+    assert [n for n in kept if n.startswith("resumed-at-8.")], kept  # the repeated final evaluation's file
+    assert "resumed at step 4" in open(os.path.join(orphaned, "README.txt")).read()
+
+
+def test_case9_tensorboard_truncation_survives_a_record_cut_short(tmp_path):
+    """An event file whose last record a kill cut short: the readable records up to the resumed step are
+    kept, the rest (and the broken tail) only in the kept original."""
+    import tensorflow as tf
+
+    from seqvis.train.metrics import ORPHANED_TB_DIR, truncate_tensorboard
+
+    logdir = str(tmp_path / "tensorboard")
+    w = tf.summary.create_file_writer(logdir)
+    with w.as_default():
+        for step in range(1, 7):
+            tf.summary.scalar("train/loss", float(step), step=step)
+    w.close()
+    (path,) = [os.path.join(logdir, n) for n in os.listdir(logdir)]
+    whole = open(path, "rb").read()
+    with open(path, "ab") as f:
+        f.write(whole[-40:-5])  # half a record
+    truncate_tensorboard(logdir, 3, 10)
+    assert tensorboard_scalars(logdir) == {"train/loss": [(1, 1.0), (2, 2.0), (3, 3.0)]}
+    (kept,) = [n for n in os.listdir(tmp_path / ORPHANED_TB_DIR) if n != "README.txt"]
+    assert open(tmp_path / ORPHANED_TB_DIR / kept, "rb").read() == whole + whole[-40:-5]
+    assert truncate_tensorboard(logdir, 3, 10) == []  # nothing more to drop: nothing moves

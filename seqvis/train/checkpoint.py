@@ -109,8 +109,15 @@ def resume_problems(saved: dict, current: dict, saved_meta: dict | None, process
             stream.append(f"config.{k}: saved {json.dumps(a)}, now {json.dumps(b)}. To resume exactly: {_flag(k, a)}.")
     saved_pc = (saved_meta or {}).get("process_count")
     if saved_pc is not None and int(saved_pc) != int(process_count):
-        stream.append(f"process count: saved {saved_pc}, now {process_count} (each process reads its own shard). "
-                      f"To resume exactly: run on {saved_pc} processes.")
+        # Stricter than needed for some runs, on purpose: a split read by index (in-memory or array_record)
+        # gives the same global batches on any process count, but a split read sequentially (per-process
+        # shards and shuffle seeds) or mixup (mixed within each process's share) does not, and which source a
+        # run used is not recorded in the checkpoint. A refusal that names the override beats a silent change.
+        stream.append(f"process count: saved {saved_pc}, now {process_count}. The global batches stay the same only "
+                      "when the training split is read by index (cached in memory or array_record files) and "
+                      "mixup is off; a split read sequentially is sharded and shuffled per process. To resume "
+                      f"exactly: run on {saved_pc} processes (or, for a split read by index without mixup, add "
+                      f"--config.resume={ALLOW_DATA_CHANGE}).")
     return structural, stream
 
 
