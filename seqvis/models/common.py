@@ -3,27 +3,19 @@ without allocating memory."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqvis.utils import pair  # noqa: F401 - the one int-or-pair rule, jax-free so the data layer shares it
+
 
 def lengths_to_valid(lengths: jax.Array, max_length: int) -> jax.Array:
     """Per-example lengths ``[batch]`` -> validity ``[batch, max_length]`` (True for t < length)."""
     return jnp.arange(max_length)[None, :] < jnp.asarray(lengths)[:, None]
-
-
-def pair(v: int | Sequence[int]) -> tuple[int, int]:
-    """A size given as one int (square) or as ``(height, width)`` -> ``(height, width)``."""
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(int(a) for a in v)
-    if len(v) != 2:
-        raise ValueError(f"expected an int or a pair, got {v}")
-    return v  # type: ignore[return-value]
 
 
 def num_params(tree: Any) -> int:
