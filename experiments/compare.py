@@ -23,6 +23,9 @@ compiled seqvis step, with the iterations XLA leaves out of a scan added back
 Without a usable peer interpreter (missing, or torch not importable) the run says so on
 stderr and reports the seqvis numbers alone (``peer``/``ratio`` null, ``peer_error`` set).
 Timings are only meaningful on an otherwise idle machine.
+
+Over 400 lines on purpose: each workload's seqvis side sits next to its shapes, which the peer script
+mirrors; splitting them would separate a workload from its definition.
 """
 
 from __future__ import annotations

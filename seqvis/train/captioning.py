@@ -26,6 +26,9 @@ seqvis.train.captioning --workdir=DIR [--kv_cache=false]`` runs it again from a 
 the task). ``config.decode.kv_cache`` (transformer only): decode with the key/value cache
 (True, the default) or re-run the whole prefix at every step (False, the reference path); the
 captions and the checkpoint are the same either way.
+
+Over 400 lines on purpose: the task (tokeniser, pp ops, loss, metrics) and the re-evaluation command share
+the workdir conventions (vocab.json, decoding settings); the final evaluation itself is in captioning_eval.py.
 """
 
 from __future__ import annotations
