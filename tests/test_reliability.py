@@ -463,6 +463,8 @@ def test_case9_full_disk_cleans_up_and_resume_logs_each_step_once(idx_dir, data_
     msg = str(e.value)
     assert msg.startswith(f"Could not write the checkpoint for step 4 in {workdir}/checkpoints")
     assert msg.endswith("re-run the same command to resume from step 2.")
+    # The cause in words (reliability_cases.sh case 9 printed tensorstore's 400-character error instead).
+    assert "a file reached the file size limit" in msg and "OUT_OF_RANGE" not in msg and len(msg) < 500, msg
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]  # no *.orbax-checkpoint-tmp left
     monkeypatch.setattr(ckpt_lib.Checkpointer, "save", real_save)
     train_and_evaluate(config, workdir)

@@ -208,13 +208,18 @@ class Checkpointer:
         self._remove_unfinished(step)
         self.manager.reload()
         good = [s for s in self.manager.all_steps() if s != step]
-        full = "RESOURCE_EXHAUSTED" in str(e) or "No space left" in str(e) or getattr(e, "errno", None) == 28
-        why = "the disk is full" if full else _short(e)
+        text, errno = str(e), getattr(e, "errno", None)
+        full = "RESOURCE_EXHAUSTED" in text or "No space left" in text or errno == 28 or "os_error_code='28'" in text
+        # EFBIG (tensorstore's own words for it: "File too large", os_error_code 27): a file size limit.
+        too_big = not full and ("File too large" in text or errno == 27 or "os_error_code='27'" in text)
+        why = ("the disk is full" if full else "a file reached the file size limit (File too large; see ulimit -f)"
+               if too_big else _short(e))
         raise CheckpointError(
             f"Could not write the checkpoint for step {step} in {self.directory}: {why}. Its unfinished files "
             f"were removed; the other checkpoints are untouched. "
             + ("Free some disk space (df -h " + self.directory + "), then re-run the same command"
-               if full else "Fix the cause, then re-run the same command")
+               if full else "Raise the file size limit (ulimit -f unlimited), then re-run the same command"
+               if too_big else "Fix the cause, then re-run the same command")
             + (f" to resume from step {max(good)}." if good else " (no complete checkpoint yet: it starts over).")
         ) from e
 
