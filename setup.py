@@ -8,7 +8,7 @@ setup(
     packages=find_packages(include=["seqvis", "seqvis.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.4.35",
+        "jax>=0.8.2",  # jax.lax.pcast (first in 0.8.2; checked in the wheels) and jax.shard_map
         "flax>=0.10",
         "optax>=0.2.3",
         "orbax-checkpoint>=0.10",
