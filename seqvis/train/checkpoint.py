@@ -21,6 +21,9 @@ Every restore goes through :class:`Checkpointer`: resuming (:meth:`Checkpointer.
 and reading a checkpoint as saved for evaluation or ``config.init_from`` (:func:`read_checkpoint`,
 :func:`restore_variables`; :meth:`Checkpointer.read` skips unusable steps the same way, and
 moves nothing).
+
+Over 400 lines on purpose: the one place that writes and reads checkpoints, so the resume checks, the NaN
+rule, moving unreadable steps aside and the failed-write cleanup sit next to the restore they protect.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Read top to bottom: config checks, devices and hosts, input, model and optimiser,
 checkpoint restore, compile, the loop (log, checkpoint, evaluate), final evaluation.
+
+Over 400 lines on purpose: it is the one trainer, read top to bottom as the steps above; the task-specific
+parts live in the tasks, the step and its drivers in step.py, checkpoints in checkpoint.py, logs in metrics.py.
 """
 
 from __future__ import annotations
