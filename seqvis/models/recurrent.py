@@ -134,6 +134,15 @@ class _CellBase(nn.RNNCellBase):
         x, w, b = promote_dtype(inputs, w, b, dtype=self.dtype)
         return x @ w + b
 
+    def _preactivation(self, mode: str | None, inputs: Array, h: Array, w: Array, u: Array, b: Array) -> Array:
+        """Gate pre-activations ``x @ W + h @ U + b``; with ``mode="recur"`` the inputs are already
+        ``x @ W + b`` (from :meth:`project`) and only ``h @ U`` is added."""
+        if mode == "recur":
+            xw, hc, u = promote_dtype(inputs, h, u, dtype=self.dtype)
+            return xw + hc @ u
+        x, hc, w, u, b = promote_dtype(inputs, h, w, u, b, dtype=self.dtype)
+        return x @ w + hc @ u + b
+
     # The split used by ``Recurrent``: ``cell(carry, x) == recur(carry, project(x), in)`` up to
     # float rounding, so the input products of all time steps are one matrix product outside
     # the scan (as cuDNN and torch.nn.LSTM do) and only ``h @ U`` stays inside it.
@@ -196,12 +205,7 @@ class SimpleRNNCell(_CellBase):
         h = carry
         self._check_hidden(h)
         f = _activation(self.activation_fn)
-        if mode == "recur":
-            xw, hc, u = promote_dtype(inputs, h, u, dtype=self.dtype)
-            z = xw + hc @ u
-        else:
-            x, hc, w, u, b = promote_dtype(inputs, h, w, u, b, dtype=self.dtype)
-            z = x @ w + hc @ u + b
+        z = self._preactivation(mode, inputs, h, w, u, b)
         new_h = f(z).astype(h.dtype)
         return new_h, new_h
 
@@ -260,12 +264,7 @@ class LSTMCell(_CellBase):
             return self._project(inputs, w, b)
         c, h = carry
         self._check_hidden(h)
-        if mode == "recur":
-            xw, hc, u = promote_dtype(inputs, h, u, dtype=self.dtype)
-            z = xw + hc @ u
-        else:
-            x, hc, w, u, b = promote_dtype(inputs, h, w, u, b, dtype=self.dtype)
-            z = x @ w + hc @ u + b
+        z = self._preactivation(mode, inputs, h, w, u, b)
         zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
         i, f, g, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)
         new_c = (f * c + i * g).astype(c.dtype)
