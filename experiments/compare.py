@@ -271,20 +271,6 @@ def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n ** 3 / statistics.median(times)
 
 
-def compiled_flops(fn, *args) -> float | None:
-    """XLA's cost analysis of ``fn`` (a jit/pmap) at ``args``, with the left-out scan iterations added."""
-    import jax
-
-    from seqvis.evaluation.flops import _loop_flops_missed
-
-    cost = fn.lower(*args).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-    if not cost or "flops" not in cost:
-        return None
-    missed = _loop_flops_missed(jax.make_jaxpr(fn)(*args).jaxpr)
-    return None if missed is None else float(cost["flops"]) + missed
-
-
 class _Timed:
     """``run(steps) -> seconds`` around a compiled step; threads the state for training."""
 
@@ -313,6 +299,7 @@ def _vit_runner(w: dict):
     import numpy as np
 
     from experiments.benchmark import vit_config
+    from seqvis.evaluation.flops import compiled_flops
     from seqvis.train import optim, step as step_lib
     from seqvis.train.tasks import get_task
 
@@ -337,15 +324,15 @@ def _vit_runner(w: dict):
                                  "mask": np.ones((n_dev, per_dev), np.float32)})
         s = driver.put_state(state)
         fn, args = driver._train, (data,)
-        flops = compiled_flops(fn, s, *args)
         compiled = fn.lower(s, *args).compile()
+        flops = compiled_flops(compiled, fn, s, *args)
         runner = _Timed(compiled, s, args, train=True)
     else:
         fn = jax.pmap(lambda v, x: task.model.apply(v, x, train=False))
         variables = step_lib.replicate({"params": state.params, **state.model_state}, jax.local_devices())
         args = (variables, driver.put_batch({"image": images})["image"])
-        flops = compiled_flops(fn, *args)
         compiled = fn.lower(*args).compile()
+        flops = compiled_flops(compiled, fn, *args)
         runner = _Timed(compiled, None, args, train=False)
     runner.run(2)  # warm-up
     runner.compile_seconds = time.perf_counter() - t
@@ -380,6 +367,8 @@ def _rnn_runner(w: dict):
     import jax
     import numpy as np
 
+    from seqvis.evaluation.flops import compiled_flops
+
     model, tx, step = rnn_train_step(w["cell"], w["hidden"], unroll=w.get("unroll", 1),
                                      split=w.get("split_input_product", False))
     x = jax.numpy.asarray(np.random.default_rng(0).normal(size=(w["batch"], w["T"], w["in"])).astype(np.float32))
@@ -387,8 +376,8 @@ def _rnn_runner(w: dict):
     state = (params, tx.init(params))
     t = time.perf_counter()
     fn = jax.jit(step, donate_argnums=0)
-    flops = compiled_flops(fn, state, x)
     compiled = fn.lower(state, x).compile()
+    flops = compiled_flops(compiled, fn, state, x)
     runner = _Timed(compiled, state, (x,), train=True)
     runner.run(2)
     runner.compile_seconds = time.perf_counter() - t

@@ -27,14 +27,19 @@ log = logging.getLogger(__name__)
 TRAIN_FLOPS_PER_FORWARD = 3.0  # forward + backward (2x forward)
 
 
-def _xla_flops(fn, *args) -> float | None:
-    """FLOPs XLA's cost analysis gives the compiled ``fn(*args)`` (None where the backend has none)."""
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+def _cost_flops(compiled) -> float | None:
+    """The FLOPs in a compiled program's cost analysis (None where the backend has none)."""
+    cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
     if not cost or "flops" not in cost:
         return None
     return float(cost["flops"])
+
+
+def _xla_flops(fn, *args) -> float | None:
+    """FLOPs XLA's cost analysis gives the compiled ``fn(*args)`` (None where the backend has none)."""
+    return _cost_flops(jax.jit(fn).lower(*args).compile())
 
 
 def _sub_jaxprs(eqn):
@@ -73,6 +78,17 @@ def _loop_flops_missed(jaxpr) -> float | None:
                 return None
             missed += (length - counted) * (body + inner) + counted * inner
     return missed
+
+
+def compiled_flops(compiled, fn, *args) -> float | None:
+    """FLOPs of one call of ``fn(*args)`` already compiled as ``compiled = fn.lower(*args).compile()``
+    (``fn`` a jit or pmap): XLA's count plus the loop iterations it leaves out (see
+    :func:`_loop_flops_missed`). None where the backend has no cost analysis or a loop's length is unknown."""
+    total = _cost_flops(compiled)
+    if total is None:
+        return None
+    missed = _loop_flops_missed(jax.make_jaxpr(fn)(*args).jaxpr)
+    return None if missed is None else total + missed
 
 
 def forward_flops_per_example(model: Any, variables: dict, inputs: Sequence[Any]) -> float | None:
