@@ -14,19 +14,25 @@ schedule, warmup a tenth of the run up to 200 steps) and the same augmentation (
 with 2 px padding + horizontal flip).
 
 Training length: ``steps(n) = max(min_steps, steps_full · (n / 60k)^p)`` with ``p < 1``, so a
-small set gets many more epochs than the full one (``:short``: 193 steps = 49 epochs of 500
-images, 640 steps = 1.4 epochs of 60k; ``full``: p = 0.5 and at least 4,000 steps, i.e. 1,024
-epochs of 500 images and 30 of 60k). Longer-training points (twice the steps, seed 0) at the
-small sizes test whether that is enough: the report says whether they change the error by less
-than a point. On the CPU they do not (doubling the steps lowered the error by 2-10 points at 500
-and 2k, ViTs the most; experiments/results/data_size/report.md): ``:short`` compares the
-families at a fixed, short budget. Hence the GPU preset's floor of 4,000 steps.
+small set gets many more epochs than the full one (``full``: p = 0.5 and at least 4,000 steps,
+i.e. 1,024 epochs of 500 images and 30 of 60k), or a preset's explicit ``steps`` per size
+(``:short``: 450 steps = 115 epochs of 500 images, 500 = 12.8 epochs of 5k, 560 = 1.2 epochs of
+60k). Longer-training points (twice the steps, seed 0) at the small sizes test whether that is
+enough: the report says whether they change the error by less than a point.
+
+History of ``:short``: its first version (4 sizes, 193 steps at 500 and 273 at 2k, 36 points)
+took 60 min 4 s, and doubling its steps lowered the error by 2-10 points at 500 and 2k, ViTs the
+most, so it compared the families at a budget too short for the small sets. The second version
+(this one) spends the hour on fewer points with more steps: 3 sizes, 2.3x the steps at 500.
 
 Seeds: ``seed`` and ``subset_seed`` move together, so seed k is another initialisation, data
 order and subset (the spread covers all three); more seeds where the variance is large.
 
 ``:short`` is what a 2-core CPU can do in an hour (measured: ResNet-18 w16 trains at ~100
-img/s there, so the ResNets are w4 and w8, and the full set gets 1.4 epochs: compute-limited).
+img/s there, so the ResNets are w4 and w8, and the full set gets 1.2 epochs: compute-limited).
+Its cost per point, fitted on the first version's 36 points (wall seconds of the point's whole
+process): ViT w64/d2 12.6 + 0.095·steps, ViT w96/d4 21.4 + 0.224·steps, ResNet-18 w4 39.4 +
+0.201·steps, w8 26.5 + 0.354·steps; the grid below predicts 50 min.
 The default preset is the GPU version.
 """
 
@@ -38,13 +44,14 @@ NO_AUG = "decode|value_range(-1, 1)"
 RESNET = "configs/resnet.py:18,fashion_mnist"
 
 PRESETS = {
-    # 2-core CPU, <= 60 min: 4 sizes, 3 seeds at 500, 2 at 2k, 1 above; longer-training checks at 500 and 2k.
+    # 2-core CPU, <= 60 min: 3 sizes, 2 seeds at 500, 1 above; a longer-training check at 500.
     "short": dict(
         vits=((64, 2, 256, 2), (96, 4, 384, 3)),  # (width, depth, MLP, heads): 105k and 455k parameters
         resnet_widths=(4, 8),  # ResNet-18: 45k and 176k parameters
-        sizes=(500, 2_000, 8_000, 60_000), seeds={500: 3, 2_000: 2, 8_000: 1, 60_000: 1},
-        steps_full=640, exponent=0.25, min_steps=0,
-        longer=((500, 2.0), (2_000, 2.0)),  # (size, step multiplier), seed 0
+        sizes=(500, 5_000, 60_000), seeds={500: 2, 5_000: 1, 60_000: 1},
+        steps={500: 450, 5_000: 500, 60_000: 560},  # explicit steps per size (instead of the rule below)
+        steps_full=560, exponent=0.0, min_steps=0,
+        longer=((500, 2.0),),  # (size, step multiplier), seed 0
         no_aug_sizes=(),  # the augmentation axis does not fit the hour
     ),
     # GPU: larger models, 7 sizes, 3 seeds everywhere, 30 epochs of the full set.
@@ -60,7 +67,10 @@ PRESETS = {
 
 
 def steps_for(size: int, p: dict) -> int:
-    """``max(min_steps, steps_full · (size / 60k)^exponent)`` training steps for ``size`` examples."""
+    """Training steps for ``size`` examples: the preset's ``steps[size]`` when it lists the size, else
+    ``max(min_steps, steps_full · (size / 60k)^exponent)``."""
+    if size in p.get("steps", {}):
+        return int(p["steps"][size])
     return max(int(p["min_steps"]), int(round(p["steps_full"] * (size / N_FULL) ** p["exponent"])))
 
 
