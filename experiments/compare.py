@@ -5,12 +5,15 @@
 
 Each workload is built twice from one dict of shapes (``WORKLOADS``): in this process with
 seqvis (the real training step for the ViTs: ``PmapDriver`` + the config's AdamW and clipping;
-``Recurrent(LSTMCell | GRUCell)`` + Adam for the recurrent rows), and in a child process of
-the peer interpreter with timm ``VisionTransformer`` / ``torch.nn.LSTM | GRU``
-(``experiments/compare_peer.py``; torch is never imported here and never a seqvis
-dependency). After compile / warm-up, the two sides take turns: one timed run of ``steps``
-steps each per round, the order flipping every round, so load drift hits both alike; only
-one side computes at any moment. The reported figure is the median over ``repeats`` rounds.
+``Recurrent(LSTMCell | GRUCell)`` + Adam for the recurrent rows; the captioning decoders
+``ShowAndTell`` / ``TransformerCaptioner`` of ``seqvis.models.captioning`` + Adam for the
+``caption_*`` rows), and in a child process of the peer interpreter with timm
+``VisionTransformer`` / ``torch.nn.LSTM | GRU`` / ``nn.Embedding`` + ``nn.LSTM`` or
+``nn.TransformerDecoder`` + ``nn.Linear`` (``experiments/compare_peer.py``; torch is never
+imported here and never a seqvis dependency). After compile / warm-up, the two sides take
+turns: one timed run of ``steps`` steps each per round, the order flipping every round, so
+load drift hits both alike; only one side computes at any moment. The reported figure is the
+median over ``repeats`` rounds.
 
 Output: one JSON line per workload (``seqvis`` and ``peer`` in items/s, ``ratio`` =
 seqvis / peer, the runs, XLA's FLOPs per step and each side's fraction of the machine's
@@ -19,6 +22,13 @@ table goes to stderr. The peak is a jitted ``jnp.dot`` of two 2048x2048 float32 
 (median of 5), measured in the same run. FLOPs per step are XLA's cost analysis of the
 compiled seqvis step, with the iterations XLA leaves out of a scan added back
 (``seqvis.evaluation.flops``); the peer is credited with the same count (same shapes).
+
+The ``caption_*`` rows time the teacher-forced training step of a captioning decoder alone:
+the image encoder is replaced by its output (precomputed image features ``[B, h, w, D]``,
+passed through unchanged), so no CNN is measured; the step is image projection, word
+embedding, decoder, vocabulary projection, mean cross-entropy over the ``B x T`` target
+words, Adam. Every row also carries both sides' numbers of trained parameters
+(``seqvis_params``, ``peer_params``).
 
 Without a usable peer interpreter (missing, or torch not importable) the run says so on
 stderr and reports the seqvis numbers alone (``peer``/``ratio`` null, ``peer_error`` set).
@@ -47,6 +57,9 @@ _VIT_TI4 = dict(kind="vit", config="Ti/4,cifar10", image_shape=[32, 32, 3], patc
 _VIT_S16 = dict(kind="vit", config="S/16,imagenet2012", image_shape=[224, 224, 3], patch=16, width=384,
                 depth=12, heads=6, mlp_dim=1536, num_classes=1000, batch=8, weight_decay=0.05, grad_clip_norm=1.0)
 _RNN = dict(kind="rnn", batch=64, T=50, **{"in": 128}, hidden=256)
+# Captioning decoders at the model classes' default sizes; ``features`` = the encoder output
+# [h, w, D] per image (a pooled 512-d vector for Show and Tell, 7x7 regions for the transformer).
+_CAPTION = dict(kind="caption", batch=32, T=20, vocab=5000)
 
 #: name -> shapes; ``steps`` per timed run is sized for ~2-4 s on a 2-core CPU.
 WORKLOADS: dict[str, dict] = {
@@ -58,6 +71,10 @@ WORKLOADS: dict[str, dict] = {
     "vit_s16_224_inference": dict(_VIT_S16, mode="inference", steps=5),
     "lstm_train": dict(_RNN, cell="lstm", mode="train", steps=30),
     "gru_train": dict(_RNN, cell="gru", mode="train", steps=30),
+    "caption_lstm_train": dict(_CAPTION, decoder="lstm", features=[1, 1, 512], embed=256, hidden=512,
+                               mode="train", steps=10),
+    "caption_transformer_train": dict(_CAPTION, decoder="transformer", features=[7, 7, 512], width=256,
+                                      layers=2, heads=4, mlp_dim=512, mode="train", steps=15),
 }
 
 
@@ -111,8 +128,8 @@ class PeerClient:
             raise PeerError(resp["error"])
         return resp
 
-    def setup(self, w: dict) -> None:
-        self.request({"cmd": "setup", "workload": w})
+    def setup(self, w: dict) -> dict:
+        return self.request({"cmd": "setup", "workload": w})
 
     def run(self, w: dict, steps: int) -> float:
         return float(self.request({"cmd": "run", "name": w["name"], "steps": steps})["seconds"])
@@ -146,10 +163,10 @@ def compare_workload(w: dict, seqvis_runner: Any, peer: PeerClient | None, repea
     """Alternate timed runs of one workload; ``seqvis_runner.run(steps) -> seconds``."""
     steps, batch = int(w["steps"]), int(w["batch"])
     row = {"workload": w["name"], "mode": w["mode"], "unit": unit(w), "batch": batch, "steps_per_run": steps}
-    peer_error = None
+    peer_error, peer_params = None, None
     if peer is not None:
         try:
-            peer.setup(w)
+            peer_params = peer.setup(w).get("params")
         except PeerError as e:
             peer_error = str(e)
             log(f"{w['name']}: peer skipped: {e}")
@@ -176,6 +193,7 @@ def compare_workload(w: dict, seqvis_runner: Any, peer: PeerClient | None, repea
     row.update(seqvis=s, peer=p, ratio=(s / p) if s and p else None,
                seqvis_runs=seqvis_runs, peer_runs=peer_runs,
                compile_seconds=getattr(seqvis_runner, "compile_seconds", None),
+               seqvis_params=getattr(seqvis_runner, "params", None), peer_params=peer_params,
                gflops_per_step=None if flops is None else flops / 1e9)
     for side, v in (("seqvis", s), ("peer", p)):
         row[f"{side}_gflops_per_sec"] = None if (flops is None or not v) else flops * v / batch / 1e9
@@ -337,6 +355,7 @@ def _vit_runner(w: dict):
     runner.run(2)  # warm-up
     runner.compile_seconds = time.perf_counter() - t
     runner.flops_per_step = flops
+    runner.params = _num_params(state.params)
     return runner
 
 
@@ -374,6 +393,7 @@ def _rnn_runner(w: dict):
     x = jax.numpy.asarray(np.random.default_rng(0).normal(size=(w["batch"], w["T"], w["in"])).astype(np.float32))
     params = model.init(jax.random.key(0), x)["params"]
     state = (params, tx.init(params))
+    n_params = _num_params(params)  # before the step donates them
     t = time.perf_counter()
     fn = jax.jit(step, donate_argnums=0)
     compiled = fn.lower(state, x).compile()
@@ -382,11 +402,92 @@ def _rnn_runner(w: dict):
     runner.run(2)
     runner.compile_seconds = time.perf_counter() - t
     runner.flops_per_step = flops
+    runner.params = n_params
+    return runner
+
+
+def _num_params(params) -> int:
+    import jax
+
+    return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def caption_model(w: dict):
+    """The seqvis captioning model of a ``caption_*`` workload, its image encoder replaced by
+    precomputed features: ``ShowAndTell`` (``decoder='lstm'``, mean pooling of the features) or
+    ``TransformerCaptioner`` (``decoder='transformer'``, ``max_positions = T``); no dropout."""
+    import flax.linen as nn
+
+    from seqvis.models import captioning
+
+    class PrecomputedFeatures(nn.Module):
+        """Stands in for the CNN: its input already is the feature map ``[B, h, w, D]``."""
+
+        @nn.compact
+        def __call__(self, features, train: bool = False):
+            return features
+
+    if w["decoder"] == "lstm":
+        return captioning.ShowAndTell(PrecomputedFeatures(), vocab_size=w["vocab"], embed_dim=w["embed"],
+                                      hidden_dim=w["hidden"], pooling="mean")
+    return captioning.TransformerCaptioner(PrecomputedFeatures(), vocab_size=w["vocab"], max_positions=w["T"],
+                                           width=w["width"], num_layers=w["layers"], num_heads=w["heads"],
+                                           mlp_dim=w["mlp_dim"])
+
+
+def caption_train_step(model, lr: float = 1e-3):
+    """``(tx, step)``: teacher forcing, mean cross-entropy over every target word, Adam.
+    ``step((params, opt_state), features, inputs, targets) -> (state, loss)``."""
+    import jax
+    import optax
+
+    tx = optax.adam(lr)
+
+    def loss_fn(params, features, inputs, targets):
+        # dropout_rate is 0, so train=False is the same computation (and needs no dropout rng)
+        logits, _ = model.apply({"params": params}, features, inputs, train=False)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    def step(state, features, inputs, targets):
+        params, opt_state = state
+        loss, grads = jax.value_and_grad(loss_fn)(params, features, inputs, targets)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    return tx, step
+
+
+def _caption_runner(w: dict):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from seqvis.evaluation.flops import compiled_flops
+
+    rng = np.random.default_rng(0)
+    features = jnp.asarray(rng.normal(size=(w["batch"], *w["features"])).astype(np.float32))
+    tokens = rng.integers(0, w["vocab"], (w["batch"], w["T"] + 1)).astype(np.int32)
+    inputs, targets = jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:])  # <bos> y_1 .. -> y_1 .. <eos>
+    model = caption_model(w)
+    tx, step = caption_train_step(model)
+    params = model.init(jax.random.key(0), features, inputs)["params"]
+    state = (params, tx.init(params))
+    n_params = _num_params(params)  # before the step donates them
+    t = time.perf_counter()
+    fn = jax.jit(step, donate_argnums=0)
+    args = (features, inputs, targets)
+    compiled = fn.lower(state, *args).compile()
+    flops = compiled_flops(compiled, fn, state, *args)
+    runner = _Timed(compiled, state, args, train=True)
+    runner.run(2)
+    runner.compile_seconds = time.perf_counter() - t
+    runner.flops_per_step = flops
+    runner.params = n_params
     return runner
 
 
 def seqvis_runner(w: dict):
-    return {"vit": _vit_runner, "rnn": _rnn_runner}[w["kind"]](w)
+    return {"vit": _vit_runner, "rnn": _rnn_runner, "caption": _caption_runner}[w["kind"]](w)
 
 
 def machine_info() -> dict:

@@ -1,9 +1,14 @@
 """The --compare harness of experiments.benchmark without torch: a fake peer process speaking the
 JSON-lines protocol, fake seqvis runners, medians, ratios, alternation, JSON shape, and the
-seqvis-only fallback when the peer is missing or fails."""
+seqvis-only fallback when the peer is missing or fails. The captioning decoder workloads are
+also built for real at tiny shapes: the seqvis step (jax), and the torch peer when a peer
+interpreter is there (``SEQVIS_PEER_PYTHON``, default ``/work/peers/bin/python``; else skipped),
+both checked against the parameter count the shapes imply."""
 
 import io
 import json
+import os
+import subprocess
 import sys
 import textwrap
 
@@ -15,7 +20,7 @@ from experiments import compare
 # the name says so (timm missing).
 FAKE_PEER = textwrap.dedent('''
     import json, sys
-    SECONDS = {"lstm_train": [0.5, 0.4, 0.6], "gru_train": [0.2, 0.2, 0.2]}
+    SECONDS = {"lstm_train": [0.5, 0.4, 0.6], "gru_train": [0.2, 0.2, 0.2], "caption_lstm_train": [0.4] * 3}
     calls = {}
     for line in sys.stdin:
         req = json.loads(line)
@@ -27,6 +32,8 @@ FAKE_PEER = textwrap.dedent('''
         elif cmd == "setup":
             name = req["workload"]["name"]
             resp = {"error": "ModuleNotFoundError: No module named 'timm'"} if name.startswith("vit") else {}
+            if name.startswith("caption"):
+                resp = {"setup_seconds": 0.1, "params": 1234}
         elif cmd == "run":
             i = calls.get(req["name"], 0)
             calls[req["name"]] = i + 1
@@ -38,10 +45,11 @@ FAKE_PEER = textwrap.dedent('''
 
 
 class FakeRunner:
-    def __init__(self, seconds_per_step, log, flops=None):
+    def __init__(self, seconds_per_step, log, flops=None, params=None):
         self.seconds, self.log, self.i = list(seconds_per_step), log, 0
         self.flops_per_step = flops
         self.compile_seconds = 0.0
+        self.params = params
 
     def run(self, steps):
         self.log.append("seqvis")
@@ -135,5 +143,74 @@ def test_workload_shapes_match_the_issue():
     assert w["vit_s16_224_train"]["batch"] == 8 and w["vit_s16_224_train"]["image_shape"] == [224, 224, 3]
     assert (w["lstm_train"]["batch"], w["lstm_train"]["T"], w["lstm_train"]["in"], w["lstm_train"]["hidden"]) \
         == (64, 50, 128, 256)
+    c = w["caption_lstm_train"]
+    assert (c["kind"], c["batch"], c["T"], c["vocab"], c["embed"], c["hidden"], c["features"]) \
+        == ("caption", 32, 20, 5000, 256, 512, [1, 1, 512])
+    t = w["caption_transformer_train"]
+    assert (t["batch"], t["T"], t["vocab"], t["width"], t["layers"], t["heads"], t["mlp_dim"]) \
+        == (32, 20, 5000, 256, 2, 4, 512)
     with pytest.raises(SystemExit, match="valid"):
         compare.workload("nope")
+
+
+def test_caption_row_carries_both_parameter_counts(fake_peer):
+    # batch 32, 10 steps per run: seqvis 0.2 s/step -> 160 seq/s, peer 0.4 s/step -> 80 seq/s.
+    runners = {"caption_lstm_train": FakeRunner([0.2] * 3, [], flops=16e9, params=1234)}
+    summary, _, err = _run(["caption_lstm_train"], sys.executable, fake_peer, runners)
+    row = summary["rows"][0]
+    assert row["unit"] == "seq/s" and row["batch"] == 32 and row["steps_per_run"] == 10
+    assert row["seqvis"] == pytest.approx(160.0) and row["peer"] == pytest.approx(80.0)
+    assert row["ratio"] == pytest.approx(2.0)
+    assert row["seqvis_fraction_of_peak"] == pytest.approx(16e9 * 5 / 1e12)
+    assert row["seqvis_params"] == row["peer_params"] == 1234
+    assert "| caption_lstm_train (seq/s) | 160 | 80.0 | 2.00 |" in err
+
+
+# ----------------------------------------------------------------------------- real captioning decoders, tiny
+
+
+def _tiny_caption(decoder):
+    name = f"caption_{decoder}_train"
+    return dict(compare.WORKLOADS[name], name=name, batch=2, T=3, vocab=11, embed=4, hidden=5, width=8, layers=1,
+                heads=2, mlp_dim=12, features=[1, 1, 6] if decoder == "lstm" else [2, 2, 6], steps=1)
+
+
+def _caption_params(w):
+    """Trained parameters implied by the shapes (the same formula for both sides)."""
+    v, d, regions = w["vocab"], w["features"][-1], w["features"][0] * w["features"][1]
+    if w["decoder"] == "lstm":
+        e, h = w["embed"], w["hidden"]
+        #      image_proj      embed   LSTM: W, U, one bias       out
+        return d * e + e + v * e + (e + h) * 4 * h + 4 * h + h * v + v
+    wd, m = w["width"], w["mlp_dim"]
+    attention = 4 * wd * wd + 4 * wd                                 # q, k, v, out with biases
+    block = 2 * attention + wd * m + m + m * wd + wd + 3 * 2 * wd    # self, cross, MLP, 3 LayerNorms
+    #      memory_proj      memory pos    LN        embed   token_pos     blocks         final LN  out
+    return d * wd + wd + regions * wd + 2 * wd + v * wd + w["T"] * wd + w["layers"] * block + 2 * wd + wd * v + v
+
+
+@pytest.mark.parametrize("decoder", ["lstm", "transformer"])
+def test_caption_seqvis_step_runs_with_the_expected_parameters(decoder):
+    w = _tiny_caption(decoder)
+    runner = compare.seqvis_runner(w)
+    assert runner.params == _caption_params(w)
+    assert runner.flops_per_step and runner.flops_per_step > 0
+    assert runner.run(1) > 0
+
+
+@pytest.fixture(scope="module")
+def real_peer():
+    python = os.environ.get("SEQVIS_PEER_PYTHON", "/work/peers/bin/python")
+    if not os.path.exists(python) or subprocess.run([python, "-c", "import torch"], capture_output=True).returncode:
+        pytest.skip(f"no peer interpreter with torch at {python} (set SEQVIS_PEER_PYTHON)")
+    peer = compare.PeerClient(python)
+    yield peer
+    peer.close()
+
+
+@pytest.mark.parametrize("decoder", ["lstm", "transformer"])
+def test_caption_peer_trains_the_same_parameters(decoder, real_peer):
+    w = _tiny_caption(decoder)
+    assert real_peer.setup(w)["params"] == _caption_params(w)
+    assert real_peer.run(w, 1) > 0
+    real_peer.drop(w)
