@@ -47,7 +47,14 @@ def _configs():
     return {"default": default, "ti4_32": ti4}
 
 
-def bench(name: str, config: ml_collections.ConfigDict, steps: int) -> list[dict]:
+def synthetic_setup(config: ml_collections.ConfigDict) -> dict:
+    """The real seqvis training step of ``config`` on synthetic batches, ready to run.
+
+    Returns ``task``, ``driver`` (a ``PmapDriver`` over the local devices with the config's
+    optimiser and schedule), ``state`` (on the devices), ``host_state``, ``data`` (one batch,
+    split over the devices), ``batch``, ``devices`` and ``flops`` (forward FLOPs per example,
+    XLA's count). Used by :func:`bench` and ``experiments.profile_step``.
+    """
     task = get_task(config)
     sched = optim.make_schedule(config.schedule, 10 * max(config.schedule.warmup_steps, 1) + 10)
     tx = optim.make_optimizer(config.optimizer, sched)
@@ -55,8 +62,8 @@ def bench(name: str, config: ml_collections.ConfigDict, steps: int) -> list[dict
     batch = int(config.batch_size)
     per_dev = batch // n_dev
     dummy = task.dummy_batch(per_dev)
-    state = jax.device_get(step_lib.create_state(task, tx, 0, dummy))
-    flops = forward_flops_per_example(task.model, {"params": state.params, **state.model_state},
+    host_state = jax.device_get(step_lib.create_state(task, tx, 0, dummy))
+    flops = forward_flops_per_example(task.model, {"params": host_state.params, **host_state.model_state},
                                       task.model_inputs(jax.tree.map(np.asarray, dummy)))
     driver = step_lib.PmapDriver(step_lib.make_train_step(task, tx, sched), step_lib.make_eval_step(task))
     rng = np.random.default_rng(0)
@@ -64,7 +71,14 @@ def bench(name: str, config: ml_collections.ConfigDict, steps: int) -> list[dict
     data = {"image": rng.normal(size=(n_dev, per_dev, h, w, c)).astype(np.float32),
             "label": rng.integers(0, config.data.num_classes, (n_dev, per_dev)).astype(np.int32),
             "mask": np.ones((n_dev, per_dev), np.float32)}
-    s = driver.put_state(state)
+    return dict(task=task, driver=driver, state=driver.put_state(host_state), host_state=host_state, data=data,
+                batch=batch, devices=n_dev, flops=flops)
+
+
+def bench(name: str, config: ml_collections.ConfigDict, steps: int) -> list[dict]:
+    setup = synthetic_setup(config)
+    task, driver, data, flops = setup["task"], setup["driver"], setup["data"], setup["flops"]
+    state, batch, n_dev, s = setup["host_state"], setup["batch"], setup["devices"], setup["state"]
     t = time.time()
     s, m = driver.train(s, data)
     jax.block_until_ready(s)
@@ -84,7 +98,7 @@ def bench(name: str, config: ml_collections.ConfigDict, steps: int) -> list[dict
     jax.block_until_ready(out)
     infer_ips = steps * batch / (time.time() - t)
 
-    common = {"model": name, "variant": config.model.variant, "image_shape": list(config.data.image_shape),
+    common = {"model": name, "variant": config.model.get("variant"), "image_shape": list(config.data.image_shape),
               "batch": batch, "devices": n_dev, "backend": jax.default_backend(), "cpu": platform.processor() or platform.machine(),
               "gflops_per_image": None if flops is None else flops / 1e9}
     rows = [dict(common, mode="train", img_per_sec=train_ips, compile_seconds=compile_s,
