@@ -5,15 +5,21 @@
     python -m seqvis.main --config=configs/vit.py:S/16,imagenet2012 --workdir=DIR --config.total_steps=1000
 
 The argument is ``VARIANT/PATCH,DATASET`` (either part optional). With no argument this is
-the default job: a small ViT (width 128, depth 6, 4 heads, 7x7 patches -> 16 tokens + class
-token) trained from scratch on Fashion-MNIST, which reaches >= 88% test accuracy in a few
-minutes on a 2-core CPU.
+the default job: a small ViT (width 128, 2 blocks, 4 heads, 7x7 patches -> 16 tokens + class
+token) trained from scratch on Fashion-MNIST for 4.5 epochs, which reaches >= 88% test accuracy
+in under 5 minutes on a 2-core CPU (88.11% in 4 min 17 s, the whole command, on the 2-core CPU).
+
+Until 2026-12-02 the default job had 6 blocks and 7 epochs (88.42-88.63%, 15-20 min on the same
+CPU). The depth ablation found blocks 3-6 add nothing on this task (14.1% error at 2 epochs with
+2 blocks and with 6), so the default became the cheaper model. The ablation sweeps (depth, width,
+patch_size) keep the 6-block base (``ABLATION_DEPTH``) so their committed results reproduce.
 """
 
 from seqvis.data.presets import data_config
 from seqvis.train.defaults import base_config
 
-DEFAULT_MODEL = dict(variant="s/7", width=128, depth=6, mlp_dim=256, num_heads=4)
+DEFAULT_MODEL = dict(variant="s/7", width=128, depth=2, mlp_dim=256, num_heads=4)
+ABLATION_DEPTH = 6  # the base model's depth in the committed ablation studies (the default job's until 2026-12-02)
 
 
 def get_config(arg: str | None = None):
@@ -54,7 +60,7 @@ def get_config(arg: str | None = None):
         c.data.pp_train = c.data.pp_eval
         c.batch_size = 128
         c.schedule.base_lr = 1.5e-3
-        c.num_epochs = 7.0
+        c.num_epochs = 4.5
         c.schedule.warmup_steps = 200
         c.checkpoint_every_steps = 500
         c.log_every_steps = 100

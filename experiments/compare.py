@@ -50,7 +50,7 @@ from typing import Any, Callable
 
 PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compare_peer.py")
 
-_VIT_DEFAULT = dict(kind="vit", config="", image_shape=[28, 28, 1], patch=7, width=128, depth=6, heads=4,
+_VIT_DEFAULT = dict(kind="vit", config="", image_shape=[28, 28, 1], patch=7, width=128, depth=2, heads=4,
                     mlp_dim=256, num_classes=10, batch=128, weight_decay=0.05, grad_clip_norm=1.0)
 _VIT_TI4 = dict(kind="vit", config="Ti/4,cifar10", image_shape=[32, 32, 3], patch=4, width=192, depth=12,
                 heads=3, mlp_dim=768, num_classes=10, batch=64, weight_decay=0.05, grad_clip_norm=1.0)
@@ -325,6 +325,11 @@ def _vit_runner(w: dict):
     config.batch_size = w["batch"]
     config.model.update(w.get("model_overrides", {}))  # e.g. {"use_fused_attention": True} for an A/B
     assert list(config.data.image_shape) == list(w["image_shape"]), (config.data.image_shape, w)
+    if not w["config"]:  # the default job's model: the peer builds these dimensions, so they must agree
+        got = {k: config.model[f] for k, f in (("width", "width"), ("depth", "depth"), ("heads", "num_heads"),
+                                               ("mlp_dim", "mlp_dim"))}
+        want = {k: w[k] for k in got}
+        assert got == want, f"configs/vit.py's default model {got} differs from the workload's {want}"
     task = get_task(config)
     sched = optim.make_schedule(config.schedule, 10 * max(config.schedule.warmup_steps, 1) + 10)
     tx = optim.make_optimizer(config.optimizer, sched)

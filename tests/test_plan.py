@@ -34,15 +34,15 @@ def test_planner_small_recipe_on_4_simulated_devices():
     assert "FITS" in p.stdout and "peak/device" in p.stdout  # the readable table follows the JSON line
     assert r["compiled_devices"] == 4 and r["compiled_fsdp_size"] == 4 and r["fsdp_size"] == 64
     assert r["memory_extrapolated"] is True and r["per_device_batch"] == 4
-    # the default ViT: 16 patches of 7x7 + class token, width 128, depth 6, MLP 256, 10 classes
-    d, mlp, depth, t = 128, 256, 6, 17
+    # the default ViT: 16 patches of 7x7 + class token, width 128, depth 2, MLP 256, 10 classes
+    d, mlp, depth, t = 128, 256, 2, 17
     block = 4 * (d * d + d) + (d * mlp + mlp) + (mlp * d + d) + 4 * d
     expected = 49 * d + d + d + t * d + depth * block + 2 * d + d * 10 + 10
     assert r["params"] == expected
     # XLA's FLOP count agrees with the independent count of the matmuls
     assert 0.9 < r["xla_vs_analytic"] < 1.25
-    # 60k examples x 7 epochs / 256
-    assert r["total_steps"] == -(-60_000 * 7 // 256)
+    # 60k examples x 4.5 epochs / 256
+    assert r["total_steps"] == -(-60_000 * 9 // (2 * 256))
     assert r["fits"] and r["smallest_fsdp_size_that_fits"] == 1
     m = r["memory_bytes"]
     assert m["peak"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]

@@ -60,6 +60,7 @@ def test_shipped_ablation_sweeps_expand(name, arg, count):
     assert len(values) == count // (3 if arg is None else 2)
     # only the swept axis (and, for width, MLP and heads with it) differs from the base model
     base = sweep_lib.describe(sweep_lib.load_config("configs/vit.py"))
+    base["depth"] = 6  # the ablation sweeps pin the 6-block base their committed studies ran on
     for p in s.points:
         for k in ("width", "depth", "patch", "mlp_dim", "heads"):
             if k != axis and not (name == "width" and k in ("mlp_dim", "heads")):

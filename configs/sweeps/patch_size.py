@@ -12,10 +12,15 @@ PATCHES = {"full": (14, 7, 4, 2), "short": (28, 14, 7, 4)}
 BUDGETS = {"full": ((1.0, 100), (3.0, 200), (7.0, 200)), "short": ((0.5, 50), (2.0, 100))}
 
 
+# The committed studies ran on the 6-block base (the default job's depth until 2026-12-02); pinned so the
+# commands in their reports still reproduce them now that the default job has 2 blocks.
+ABLATION_DEPTH = 6
+
+
 def get_sweep(h, arg=None):
     arg = arg or "full"
     if arg not in PATCHES:
         raise ValueError(f"unknown argument {arg!r}; use patch_size.py (full) or patch_size.py:short")
     budgets = h.zip(h.sweep("num_epochs", [e for e, _ in BUDGETS[arg]]),
                     h.sweep("schedule.warmup_steps", [w for _, w in BUDGETS[arg]]))
-    return h.product(h.sweep("model.patch_size", PATCHES[arg]), budgets)
+    return h.product(h.fixed("model.depth", ABLATION_DEPTH), h.sweep("model.patch_size", PATCHES[arg]), budgets)

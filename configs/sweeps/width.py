@@ -13,6 +13,11 @@ HEADS = 4
 BUDGETS = {"full": ((1.0, 100), (3.0, 200), (7.0, 200)), "short": ((0.5, 50), (2.0, 100))}
 
 
+# The committed studies ran on the 6-block base (the default job's depth until 2026-12-02); pinned so the
+# commands in their reports still reproduce them now that the default job has 2 blocks.
+ABLATION_DEPTH = 6
+
+
 def get_sweep(h, arg=None):
     arg = arg or "full"
     if arg not in WIDTHS:
@@ -22,4 +27,4 @@ def get_sweep(h, arg=None):
                   h.sweep("model.num_heads", [HEADS] * len(widths)))
     budgets = h.zip(h.sweep("num_epochs", [e for e, _ in BUDGETS[arg]]),
                     h.sweep("schedule.warmup_steps", [w for _, w in BUDGETS[arg]]))
-    return h.product(model, budgets)
+    return h.product(h.fixed("model.depth", ABLATION_DEPTH), model, budgets)
