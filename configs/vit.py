@@ -7,7 +7,7 @@
 The argument is ``VARIANT/PATCH,DATASET`` (either part optional). With no argument this is
 the default job: a small ViT (width 128, 2 blocks, 4 heads, 7x7 patches -> 16 tokens + class
 token) trained from scratch on Fashion-MNIST for 4.5 epochs, which reaches >= 88% test accuracy
-in under 5 minutes on a 2-core CPU (88.11% in 4 min 17 s, the whole command, on the 2-core CPU).
+in under 5 minutes on a 2-core CPU (measured: 88.11% in 4 min 17 s for the whole command).
 
 Until 2026-12-02 the default job had 6 blocks and 7 epochs (88.42-88.63%, 15-20 min on the same
 CPU). The depth ablation found blocks 3-6 add nothing on this task (14.1% error at 2 epochs with

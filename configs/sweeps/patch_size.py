@@ -2,7 +2,7 @@
 
     python -m experiments.sweep --config=configs/vit.py --sweep=configs/sweeps/patch_size.py[:short] --workdir=DIR
 
-Only ``model.patch_size`` changes (tokens = (28/p)^2 + 1 on 28x28 images, so a smaller
+Only ``model.patch_size`` changes, on the 6-block base (``ABLATION_DEPTH``) (tokens = (28/p)^2 + 1 on 28x28 images, so a smaller
 patch is a longer sequence and more compute for the same parameters, apart from the
 patch embedding and position embeddings). Patch sizes divide 28. ``short`` is the CPU
 version (no 2x2 patches, shorter budgets).

@@ -3,8 +3,8 @@
     python -m experiments.sweep --config=configs/vit.py --sweep=configs/sweeps/width.py[:short] --workdir=DIR
 
 The width D changes together with the MLP width (2·D, the ratio of the default job) at a
-fixed number of heads (4), so every block keeps its shape; depth and patch size are
-those of the base config. ``short`` is the CPU version (fewer widths, shorter budgets).
+fixed number of heads (4), so every block keeps its shape; depth is 6 (``ABLATION_DEPTH``, the
+base of the committed study) and the patch size that of the base config. ``short`` is the CPU version (fewer widths, shorter budgets).
 """
 
 WIDTHS = {"full": (32, 64, 128, 192, 256, 384), "short": (32, 64, 128, 192)}
