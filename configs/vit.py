@@ -12,14 +12,13 @@ in under 5 minutes on a 2-core CPU (measured: 88.11% in 4 min 17 s for the whole
 Until 2026-12-02 the default job had 6 blocks and 7 epochs (88.42-88.63%, 15-20 min on the same
 CPU). The depth ablation found blocks 3-6 add nothing on this task (14.1% error at 2 epochs with
 2 blocks and with 6), so the default became the cheaper model. The ablation sweeps (depth, width,
-patch_size) keep the 6-block base (``ABLATION_DEPTH``) so their committed results reproduce.
+patch_size) keep the 6-block base (their ``ABLATION_DEPTH``) so their committed results reproduce.
 """
 
 from seqvis.data.presets import data_config
 from seqvis.train.defaults import base_config
 
 DEFAULT_MODEL = dict(variant="s/7", width=128, depth=2, mlp_dim=256, num_heads=4)
-ABLATION_DEPTH = 6  # the base model's depth in the committed ablation studies (the default job's until 2026-12-02)
 
 
 def get_config(arg: str | None = None):

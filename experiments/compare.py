@@ -318,6 +318,7 @@ def _vit_runner(w: dict):
 
     from experiments.benchmark import vit_config
     from seqvis.evaluation.flops import compiled_flops
+    from seqvis.models.common import num_params
     from seqvis.train import optim, step as step_lib
     from seqvis.train.tasks import get_task
 
@@ -360,7 +361,7 @@ def _vit_runner(w: dict):
     runner.run(2)  # warm-up
     runner.compile_seconds = time.perf_counter() - t
     runner.flops_per_step = flops
-    runner.params = _num_params(state.params)
+    runner.params = num_params(state.params)
     return runner
 
 
@@ -392,13 +393,14 @@ def _rnn_runner(w: dict):
     import numpy as np
 
     from seqvis.evaluation.flops import compiled_flops
+    from seqvis.models.common import num_params
 
     model, tx, step = rnn_train_step(w["cell"], w["hidden"], unroll=w.get("unroll", 1),
                                      split=w.get("split_input_product", False))
     x = jax.numpy.asarray(np.random.default_rng(0).normal(size=(w["batch"], w["T"], w["in"])).astype(np.float32))
     params = model.init(jax.random.key(0), x)["params"]
     state = (params, tx.init(params))
-    n_params = _num_params(params)  # before the step donates them
+    n_params = num_params(params)  # before the step donates them
     t = time.perf_counter()
     fn = jax.jit(step, donate_argnums=0)
     compiled = fn.lower(state, x).compile()
@@ -409,12 +411,6 @@ def _rnn_runner(w: dict):
     runner.flops_per_step = flops
     runner.params = n_params
     return runner
-
-
-def _num_params(params) -> int:
-    import jax
-
-    return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
 def caption_model(w: dict):
@@ -468,6 +464,7 @@ def _caption_runner(w: dict):
     import numpy as np
 
     from seqvis.evaluation.flops import compiled_flops
+    from seqvis.models.common import num_params
 
     rng = np.random.default_rng(0)
     features = jnp.asarray(rng.normal(size=(w["batch"], *w["features"])).astype(np.float32))
@@ -477,7 +474,7 @@ def _caption_runner(w: dict):
     tx, step = caption_train_step(model)
     params = model.init(jax.random.key(0), features, inputs)["params"]
     state = (params, tx.init(params))
-    n_params = _num_params(params)  # before the step donates them
+    n_params = num_params(params)  # before the step donates them
     t = time.perf_counter()
     fn = jax.jit(step, donate_argnums=0)
     args = (features, inputs, targets)

@@ -1,6 +1,6 @@
 """Does the default job train at its step's speed? The job's img/s against the synthetic step's, one run.
 
-    python -m experiments.job_speed [--steps 600] [--config configs/vit.py] [--rounds 2]
+    python -m experiments.job_speed [--steps 600] [--config configs/vit.py] [--rounds 2] [--config.X=Y ...]
 
 Per round, in turn: the real job (``python -m seqvis.main --config=CONFIG`` for ``--steps``
 steps in a temporary workdir: input pipeline, logging, checkpoints and all) and the same
@@ -14,7 +14,7 @@ bar: >= 0.9). Only meaningful on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import ast
 import json
 import os
 import statistics
@@ -29,7 +29,9 @@ def job_img_per_sec(config: str, steps: int, overrides: list[str]) -> list[float
     with tempfile.TemporaryDirectory(prefix="seqvis_job_speed_") as wd:
         cmd = [sys.executable, "-m", "seqvis.main", f"--config={config}", f"--workdir={wd}",
                f"--config.total_steps={steps}", "--config.progress=False", *overrides]
-        subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode:
+            raise SystemExit(f"job_speed: the job failed: {done.stderr.strip().splitlines()[-2:]}")
         rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
     speeds = [r["train/img_per_sec"] for r in rows if "train/img_per_sec" in r]
     return speeds[1:]  # the first logged interval includes compilation
@@ -41,23 +43,23 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--bench_steps", type=int, default=30)
-    ap.add_argument("override", nargs="*", help="--config.X=Y flags for both sides")
-    args = ap.parse_args(argv)
+    args, extra = ap.parse_known_args(argv)  # the rest: --config.X=Y overrides for both sides
+    bad = [a for a in extra if not (a.startswith("--config.") and "=" in a)]
+    if bad:
+        ap.error(f"unrecognized arguments: {' '.join(bad)} (overrides are written --config.X=Y)")
+    args.override = extra
 
     from experiments import benchmark
+    from experiments.sweep import spec
 
-    path, _, arg = args.config.partition(":")
-    spec = importlib.util.spec_from_file_location("job_speed_config", os.path.join(REPO, path))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config(arg or None)
+    overrides = {}
     for o in args.override:
         key, _, value = o.removeprefix("--config.").partition("=")
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value.lower() == "true"
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value  # a string such as a pp spec
+    config = spec.apply_overrides(spec.load_config(args.config), overrides, where="job_speed")
 
     job, step = [], []
     for _ in range(args.rounds):

@@ -9,7 +9,7 @@ optimiser, ``PmapDriver``, synthetic batches) under ``jax.profiler.trace`` and r
 Perfetto JSON the profiler writes. XLA:CPU records one event per executed thunk (an HLO
 instruction: a fusion, a dot, a convolution, a YNNPACK/oneDNN call, a copy ...) on the
 thread that ran it; this script sums each op's time over the traced steps and looks the op
-up in the compiled HLO (``lower(...).compile().as_text()`` of the same step) for its opcode,
+up in the HLO of the executable that ran (the step is compiled once, ``lower(...).compile()``) for its opcode,
 its fusion kind and the model operation it came from (the ``op_name`` metadata, e.g.
 ``.../Encoder/block_0/attn/...``).
 
@@ -169,16 +169,19 @@ def main(argv=None) -> dict:
     if args.model not in configs:
         raise SystemExit(f"--model: unknown {args.model!r}; valid: {', '.join(configs)}")
     setup = benchmark.synthetic_setup(configs[args.model])
-    driver, state, data = setup["driver"], setup["state"], setup["data"]
-    hlo = driver._train.lower(state, data).compile().as_text()
+    driver, state = setup["driver"], setup["state"]
+    data = driver.put_batch(setup["data"])
+    # Compiled once; the traced steps run this very executable, so its HLO names are the trace's op names.
+    step = driver._train.lower(state, data).compile()
+    hlo = step.as_text()
     for _ in range(3):
-        state, _ = driver.train(state, data)
+        state, _ = step(state, data)
     jax.block_until_ready(state)
     trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="seqvis_profile_")
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         t = time.perf_counter()
         for _ in range(args.steps):
-            state, _ = driver.train(state, data)
+            state, _ = step(state, data)
         jax.block_until_ready(state)
         seconds = time.perf_counter() - t
     s = summarise(read_trace(trace_dir), hlo_index(hlo), _fusion_body_ops(hlo), args.steps, seconds, args.top)
