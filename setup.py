@@ -21,7 +21,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.2"],
+        "test": ["pytest>=8", "pytest-xdist>=3.2", "pytest-timeout>=2.1"],
         "plots": ["matplotlib>=3.7", "scipy>=1.10"],
     },
 )

@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 WORKERS="${SEQVIS_TEST_WORKERS:-2}"
 if [ "$WORKERS" -gt 1 ]; then
-  exec .venv/bin/python -m pytest -q -n "$WORKERS" --dist loadfile "$@"
+  exec .venv/bin/python -m pytest -q -n "$WORKERS" --dist loadfile --max-worker-restart=0 "$@"
 fi
 exec .venv/bin/python -m pytest -q "$@"

@@ -36,3 +36,61 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# ----------------------------------------------------------------------------- hangs
+# A test that hangs must fail, with the stacks, instead of running into CI's time limit (one CI run did: no
+# output for over an hour). pytest-timeout (pytest.ini: ``timeout``, signal method) fails a test stuck in
+# Python (a pipe read, a wait, a lock) after ``timeout`` seconds and prints every thread's stack. A hang that
+# never returns to Python (C code holding the GIL) is not reached by a signal; for it each xdist worker arms
+# faulthandler's watchdog thread, which writes all stacks to a file and ends the worker a minute later; the
+# controller prints the file when it sees the worker go down (xdist's own crash report has no stacks: a
+# worker's stderr does not reach the terminal). scripts/test.sh runs with --max-worker-restart=0 so the
+# crashed file is not re-run.
+import faulthandler  # noqa: E402
+import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
+
+_HANG_DIR_ENV = "SEQVIS_TEST_HANG_DIR"
+
+
+def pytest_configure(config):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller (or a single process): workers inherit it
+        os.environ[_HANG_DIR_ENV] = tempfile.mkdtemp(prefix="seqvis-test-hangs-")
+
+
+def _hard_timeout(config):
+    try:
+        seconds = float(config.getini("timeout") or 0)
+    except ValueError:  # pytest-timeout not installed
+        return 0.0
+    return seconds + 60 if seconds > 0 else 0.0
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    worker, seconds = os.environ.get("PYTEST_XDIST_WORKER"), _hard_timeout(item.config)
+    if not (worker and seconds and os.environ.get(_HANG_DIR_ENV)):
+        yield
+        return
+    with open(os.path.join(os.environ[_HANG_DIR_ENV], f"{worker}.txt"), "w") as f:
+        f.write(f"{item.nodeid} still running after {seconds:.0f} s; the stacks of every thread:\n")
+        f.flush()
+        faulthandler.dump_traceback_later(seconds, exit=True, file=f)
+        try:
+            yield
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+    os.remove(f.name)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):  # xdist, in the controller
+    path = os.path.join(os.environ.get(_HANG_DIR_ENV, ""), f"{node.gateway.id}.txt")
+    if error and os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+        reporter = node.config.pluginmanager.get_plugin("terminalreporter")
+        reporter.write_sep("!", f"{node.gateway.id}: a test hung")
+        reporter.write_line(text)
