@@ -56,10 +56,19 @@ from seqvis import main
 main.setup_console(False)  # what main() does first, then the imports it defers
 import seqvis.train.trainer, seqvis.data.pipeline, tensorflow, tensorflow_datasets  # noqa: E401
 print("READY", file=sys.stderr, flush=True)
-go = sys.stdin.readline()  # the test's go: the step whose checkpoint write to hold, or 0
+go = sys.stdin.readline()  # the test's go: "HOLD PAUSE" (steps, 0 = none)
 if not go:  # the test ended without letting this one go
     sys.exit(0)
-hold = int(go)
+hold, pause = map(int, go.split())
+if pause:  # wait after step `pause` is reported, so the Ctrl-C lands mid-run however loaded the machine is
+    from seqvis.train import metrics
+    real_update = metrics.Progress.update
+    def update(self, step, info):
+        real_update(self, step, info)
+        if step == pause:
+            print(f"PAUSED {step}", file=sys.stderr, flush=True)
+            time.sleep(600)
+    metrics.Progress.update = update
 if hold:  # keep step `hold` in its tmp directory (written, not committed) until killed
     from orbax.checkpoint import checkpoint_manager as cm
     real = cm.CheckpointManager._finalize
@@ -117,10 +126,11 @@ class Worker:
         for line in self.proc.stderr:
             self.lines.append(line)
 
-    def go(self, hold=0):
-        """Run the command (once imported); ``hold``: the step whose checkpoint write never completes."""
+    def go(self, hold=0, pause=0):
+        """Run the command (once imported); ``hold``: the step whose checkpoint write never completes;
+        ``pause``: the step after which the training loop waits (for the test's signal)."""
         self.wait_for("READY")
-        self.proc.stdin.write(f"{hold}\n")
+        self.proc.stdin.write(f"{hold} {pause}\n")
         self.proc.stdin.close()
 
     def wait_for(self, text, timeout=120.0):
@@ -200,12 +210,14 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, caplog):
         ref = str(tmp_path / "ref")
         train_and_evaluate(make_config(idx_dir, data_dir), ref)
 
-        # 1. Ctrl-C after a random step: one line, no traceback.
+        # 1. Ctrl-C after a random step: one line, no traceback. The command waits after step k: a fresh-clone
+        # run on a loaded machine once saw the whole run finish (exit 0) before the signal arrived.
         w = workers[0]
-        w.go()
         k = rng.randint(3, 6)
-        w.wait_for(f"step {k}/{TOTAL}")
-        assert w.signal(signal.SIGINT) == 130
+        w.go(pause=k)
+        w.wait_for(f"PAUSED {k}")
+        rc = w.signal(signal.SIGINT)
+        assert rc == 130, f"exit code {rc}; the command's stderr:\n{w.stderr}"
         resume = last_step(run)
         assert "Traceback" not in w.stderr, w.stderr
         assert f"re-run the same command to resume from step {resume} ({run})." in w.stderr.splitlines()[-1]
