@@ -46,17 +46,22 @@ def _gates(z):
     return jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)
 
 
-def lstm_scan(u, xw, h0, c0):
-    """Hidden states ``[T, B, H]`` of the LSTM over the projected inputs ``xw = x @ W + b`` ``[T, B, 4H]``."""
-    def step(carry, xw_t):
+def _forward(preact, xs, h0, c0, keep):
+    """The LSTM scanned over ``xs`` with pre-activations ``preact(x_t, h_{t-1})``; the hidden states ``[T, B, H]``,
+    or with ``keep`` also what the hand-written backward needs: cell states and gate activations."""
+    def step(carry, x_t):
         h, c = carry
-        i, f, g, o = _gates(xw_t + h @ u)
+        i, f, g, o = _gates(preact(x_t, h))
         c = f * c + i * g
         h = o * jnp.tanh(c)
-        return (h, c), h
+        return (h, c), ((h, c, jnp.concatenate([i, f, g, o], axis=-1)) if keep else h)
 
-    _, hs = jax.lax.scan(step, (h0, c0), xw, unroll=UNROLL)
-    return hs
+    return jax.lax.scan(step, (h0, c0), xs, unroll=UNROLL)[1]
+
+
+def lstm_scan(u, xw, h0, c0):
+    """Hidden states ``[T, B, H]`` of the LSTM over the projected inputs ``xw = x @ W + b`` ``[T, B, 4H]``."""
+    return _forward(lambda xw_t, h: xw_t + h @ u, xw, h0, c0, keep=False)
 
 
 @jax.custom_vjp
@@ -65,14 +70,7 @@ def lstm_scan_manual(u, xw, h0, c0):
 
 
 def _manual_fwd(u, xw, h0, c0):
-    def step(carry, xw_t):
-        h, c = carry
-        i, f, g, o = _gates(xw_t + h @ u)
-        c_new = f * c + i * g
-        h_new = o * jnp.tanh(c_new)
-        return (h_new, c_new), (h_new, c_new, jnp.concatenate([i, f, g, o], axis=-1))
-
-    _, (hs, cs, acts) = jax.lax.scan(step, (h0, c0), xw, unroll=UNROLL)
+    hs, cs, acts = _forward(lambda xw_t, h: xw_t + h @ u, xw, h0, c0, keep=True)
     return hs, (u, h0, c0, hs, cs, acts)
 
 
@@ -110,14 +108,7 @@ def lstm_inloop_manual(w, u, b, x_tm, h0, c0):
 
 
 def _inloop_fwd(w, u, b, x_tm, h0, c0):
-    def step(carry, x_t):
-        h, c = carry
-        i, f, g, o = _gates(x_t @ w + h @ u + b)
-        c_new = f * c + i * g
-        h_new = o * jnp.tanh(c_new)
-        return (h_new, c_new), (h_new, c_new, jnp.concatenate([i, f, g, o], axis=-1))
-
-    _, (hs, cs, acts) = jax.lax.scan(step, (h0, c0), x_tm, unroll=UNROLL)
+    hs, cs, acts = _forward(lambda x_t, h: x_t @ w + h @ u + b, x_tm, h0, c0, keep=True)
     return hs, (w, u, x_tm, h0, c0, hs, cs, acts)
 
 
@@ -136,17 +127,10 @@ def make_inloop_loss(manual=False):
     def loss(params, x):
         w, u, b = params
         zeros = jnp.zeros((x.shape[0], u.shape[0]), x.dtype)
+        x_tm = jnp.swapaxes(x, 0, 1)
         if manual:
-            return jnp.mean(lstm_inloop_manual(w, u, b, jnp.swapaxes(x, 0, 1), zeros, zeros) ** 2)
-
-        def step(carry, x_t):
-            h, c = carry
-            i, f, g, o = _gates(x_t @ w + h @ u + b)
-            c = f * c + i * g
-            h = o * jnp.tanh(c)
-            return (h, c), h
-
-        _, hs = jax.lax.scan(step, (zeros, zeros), jnp.swapaxes(x, 0, 1), unroll=UNROLL)
+            return jnp.mean(lstm_inloop_manual(w, u, b, x_tm, zeros, zeros) ** 2)
+        hs = _forward(lambda x_t, h: x_t @ w + h @ u + b, x_tm, zeros, zeros, keep=False)
         return jnp.mean(hs ** 2)
     return jax.jit(jax.value_and_grad(loss))
 
