@@ -61,8 +61,9 @@ def pytest_configure(config):
 
 
 def _hard_timeout(config):
-    try:
-        seconds = float(config.getini("timeout") or 0)
+    try:  # --timeout=N over pytest.ini's timeout
+        option = config.getoption("timeout", None)
+        seconds = float(option if option is not None else (config.getini("timeout") or 0))
     except ValueError:  # pytest-timeout not installed
         return 0.0
     return seconds + 60 if seconds > 0 else 0.0
