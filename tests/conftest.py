@@ -48,6 +48,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # worker's stderr does not reach the terminal). scripts/test.sh runs with --max-worker-restart=0 so the
 # crashed file is not re-run.
 import faulthandler  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
@@ -58,6 +59,11 @@ _HANG_DIR_ENV = "SEQVIS_TEST_HANG_DIR"
 def pytest_configure(config):
     if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller (or a single process): workers inherit it
         os.environ[_HANG_DIR_ENV] = tempfile.mkdtemp(prefix="seqvis-test-hangs-")
+
+
+def pytest_unconfigure(config):
+    if not os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get(_HANG_DIR_ENV):
+        shutil.rmtree(os.environ.pop(_HANG_DIR_ENV), ignore_errors=True)
 
 
 def _hard_timeout(config):
