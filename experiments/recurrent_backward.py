@@ -10,11 +10,11 @@ adds it in. cuDNN / torch instead keep the per-step gate gradients ``dz_t`` and 
 measures whether that layout pays on XLA:CPU, on the ``lstm_train`` shape, before any of it
 goes into ``seqvis.models.recurrent``:
 
-- ``autodiff``: ``jax.value_and_grad`` through the scan of the split-input LSTM (the input
-  product ``x @ W + b`` of all steps outside the loop, ``h @ U`` inside: seqvis'
-  ``split_input_product=True``), gates i, f, g, o as in ``LSTMCell``.
-- ``autodiff_inloop``: seqvis' default layout (``split_input_product=False``): ``x_t @ W`` inside
-  the loop too, autodiff.
+- ``autodiff``: ``jax.value_and_grad`` through seqvis' own ``Recurrent(LSTMCell)`` with
+  ``split_input_product=True`` (the input product ``x @ W + b`` of all steps outside the loop,
+  ``h @ U`` inside).
+- ``autodiff_inloop``: the same with seqvis' default layout (``split_input_product=False``):
+  ``x_t @ W`` inside the loop too.
 - ``manual_inloop``: the in-loop forward with the hand-written backward (``dW``, ``dU``, ``db``
   and ``dx`` after the loop).
 - ``manual``: the split forward as a ``jax.custom_vjp`` that saves the gate activations and
@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqvis.models import recurrent as rec
 
 UNROLL = 1  # time steps per scan iteration, both variants (--unroll)
 
@@ -122,16 +123,23 @@ def _inloop_bwd(res, dhs):
 lstm_inloop_manual.defvjp(_inloop_fwd, _inloop_bwd)
 
 
-def make_inloop_loss(manual=False):
-    """seqvis' default layout (``split_input_product=False``): ``x_t @ W + h @ U + b`` inside the loop."""
+def make_seqvis_loss(split):
+    """The baseline: seqvis' ``Recurrent(LSTMCell)``, differentiated by JAX (``W, U, b`` are its ``input_kernel``,
+    ``recurrent_kernel`` and ``bias``, gates in the same i, f, g, o order)."""
+    def loss(params, x):
+        w, u, b = params
+        model = rec.Recurrent(rec.make_cell("lstm", u.shape[0]), split_input_product=split)
+        hs, _ = model.apply({"params": {"cell": {"input_kernel": w, "recurrent_kernel": u, "bias": b}}}, x)
+        return jnp.mean(hs ** 2)
+    return jax.jit(jax.value_and_grad(loss))
+
+
+def make_inloop_loss():
+    """The in-loop layout (``x_t @ W + h @ U + b`` inside the loop) with the hand-written backward."""
     def loss(params, x):
         w, u, b = params
         zeros = jnp.zeros((x.shape[0], u.shape[0]), x.dtype)
-        x_tm = jnp.swapaxes(x, 0, 1)
-        if manual:
-            return jnp.mean(lstm_inloop_manual(w, u, b, x_tm, zeros, zeros) ** 2)
-        hs = _forward(lambda x_t, h: x_t @ w + h @ u + b, x_tm, zeros, zeros, keep=False)
-        return jnp.mean(hs ** 2)
+        return jnp.mean(lstm_inloop_manual(w, u, b, jnp.swapaxes(x, 0, 1), zeros, zeros) ** 2)
     return jax.jit(jax.value_and_grad(loss))
 
 
@@ -164,8 +172,8 @@ def main() -> None:
               jnp.asarray(np.linalg.qr(rng.normal(size=(4 * hdim, hdim)))[0].T, jnp.float32),
               jnp.asarray(rng.normal(0, 0.1, (4 * hdim,)), jnp.float32))
     x = jnp.asarray(rng.normal(size=(a.batch, a.T, a.inp)), jnp.float32)
-    fns = {"autodiff": make_loss(lstm_scan), "manual": make_loss(lstm_scan_manual), "autodiff_inloop": make_inloop_loss(),
-           "manual_inloop": make_inloop_loss(manual=True)}
+    fns = {"autodiff": make_seqvis_loss(split=True), "manual": make_loss(lstm_scan_manual),
+           "autodiff_inloop": make_seqvis_loss(split=False), "manual_inloop": make_inloop_loss()}
 
     out = {name: jax.block_until_ready(fn(params, x)) for name, fn in fns.items()}  # compile + warm up
     (la, ga) = out["autodiff"]
@@ -192,7 +200,8 @@ def main() -> None:
                       "ratio_manual_over_autodiff": med["manual"] / med["autodiff"],
                       "ratio_manual_over_inloop": med["manual"] / med["autodiff_inloop"],
                       "ratio_manual_inloop_over_inloop": med["manual_inloop"] / med["autodiff_inloop"],
-                      "runs": times, "max_rel_grad_diff": errs, "jax": jax.__version__}))
+                      "runs": times, "max_rel_grad_diff": errs, "baseline": "seqvis Recurrent(LSTMCell)",
+                      "jax": jax.__version__}))
 
 
 if __name__ == "__main__":
