@@ -8,7 +8,6 @@ trainer in subprocesses with 8 and then 4 simulated devices.
 import json
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 
@@ -22,6 +21,7 @@ from seqvis.train import optim, sharding, step as step_lib
 from seqvis.train.defaults import base_config
 from seqvis.train.tasks import get_task
 
+import childproc
 from test_train import toy_split, write_idx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,8 +225,7 @@ def _env(devices):
 
 
 def _worker(idx, workdir, devices):
-    p = subprocess.run([sys.executable, "-c", WORKER, str(idx), str(workdir)], env=_env(devices),
-                       capture_output=True, text=True, timeout=600)
+    p = childproc.run([sys.executable, "-c", WORKER, str(idx), str(workdir)], env=_env(devices))
     assert p.returncode == 0, p.stderr[-4000:]
     line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
     assert line, p.stdout[-2000:] + p.stderr[-2000:]

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import ast
 import os
-import subprocess
 import sys
 from typing import NamedTuple
 
 import pytest
+
+import childproc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "seqvis")
@@ -258,8 +259,8 @@ def test_every_module_imports_in_a_fresh_interpreter(order):
     import json
 
     env = dict(os.environ, MPLBACKEND="pdf", TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(_ORDERS[order])], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=240)
+    proc = childproc.run([sys.executable, "-c", _PROBE, json.dumps(_ORDERS[order])], cwd=ROOT, env=env,
+                         timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(_ORDERS[order]) <= set(state["modules"])

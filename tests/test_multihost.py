@@ -20,6 +20,7 @@ import pytest
 
 from seqvis.train.pretrained import _read as read_checkpoint_params
 
+import childproc
 from test_train import toy_split, write_idx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,8 +84,8 @@ def test_two_processes_equal_one_process(tmp_path):
         write_idx(idx / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(idx / f"{prefix}-labels-idx1-ubyte.gz", labels)
 
-    single = subprocess.run([sys.executable, "-c", WORKER, str(idx), str(tmp_path / "one"), "", "1", "0"],
-                            env=_env(4), capture_output=True, text=True, timeout=600)
+    single = childproc.run([sys.executable, "-c", WORKER, str(idx), str(tmp_path / "one"), "", "1", "0"],
+                           env=_env(4))
     assert single.returncode == 0, single.stderr[-3000:]
 
     coordinator = f"localhost:{_free_port()}"

@@ -11,19 +11,18 @@ buffers are plain host memory on CPU); the planner's figure for it is
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
+import childproc
 from test_multihost import _env  # a subprocess environment with N simulated CPU devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _plan(*args, devices=4):
-    return subprocess.run([sys.executable, "-m", "experiments.plan", *args], env=_env(devices), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    return childproc.run([sys.executable, "-m", "experiments.plan", *args], env=_env(devices), cwd=REPO)
 
 
 def test_planner_small_recipe_on_4_simulated_devices():
@@ -104,8 +103,7 @@ MEASURE = textwrap.dedent("""
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
 def test_planner_memory_matches_the_measured_peak_of_the_default_vit_on_one_device():
-    p = subprocess.run([sys.executable, "-c", MEASURE], env=_env(1), cwd=REPO, capture_output=True, text=True,
-                       timeout=600)
+    p = childproc.run([sys.executable, "-c", MEASURE], env=_env(1), cwd=REPO)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads([l for l in p.stdout.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
     m = r["plan"]

@@ -393,7 +393,7 @@ def test_case8_ctrl_c_says_step_and_resume_point(idx_dir, data_dir, tmp_path, mo
 def test_case8_checkpoint_writer_echoes_are_dropped_on_the_console():
     """tensorstore reports a failed write's closed event loop as unraisable exceptions, one per
     pending callback (~2,000 lines on a full disk); the CLI drops exactly those."""
-    import subprocess
+    import childproc
     import sys
 
     code = "\n".join([
@@ -406,8 +406,8 @@ def test_case8_checkpoint_writer_echoes_are_dropped_on_the_console():
         "Echo(); Echo(); Other()",
     ])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
-                         env=dict(os.environ, PYTHONPATH=root), timeout=120)
+    out = childproc.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, PYTHONPATH=root),
+                        timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Event loop is closed" not in out.stderr
     assert "something else" in out.stderr  # other errors still show
@@ -417,7 +417,7 @@ def test_error_after_the_input_started_exits_on_the_command_line(idx_dir, data_d
     """An error raised once the input pipeline runs (labels checked on the first batch) must end the
     process: tearing down a running tf.data stream with a Python generator during interpreter
     shutdown used to hang it after printing the message."""
-    import subprocess
+    import childproc
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -426,8 +426,7 @@ def test_error_after_the_input_started_exits_on_the_command_line(idx_dir, data_d
             "data.data_dir": data_dir, "data.num_classes": 5}
     cmd = [sys.executable, "-m", "seqvis.main", "--config=configs/vit.py", f"--workdir={tmp_path / 'w'}",
            *[f"--config.{k}={v}" for k, v in args.items()]]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=dict(os.environ, PYTHONPATH=root),
-                         timeout=240)
+    out = childproc.run(cmd, cwd=root, env=dict(os.environ, PYTHONPATH=root), timeout=240)
     assert out.returncode == 1, out.stderr
     assert "error: config.data.num_classes=5, but the first training batch" in out.stderr
     assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr

@@ -6,7 +6,6 @@ Training points run on the toy IDX data of tests/test_train.py (tiny ViTs, a few
 import csv
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ from experiments.sweep import Hyper, SweepError
 from seqvis.train import checkpoint as ckpt_lib
 from seqvis.train import trainer as trainer_lib
 
+import childproc
 from test_train import idx_dir, tiny_config  # noqa: F401 - fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,7 +237,7 @@ def test_command_line_isolated_points_and_shared_overrides(idx_dir, tmp_path):  
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
         [f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f] +
         ["--xla_force_host_platform_device_count=2"]))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = childproc.run(cmd, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"] == 2
     rows = sweep_lib.read_rows(str(workdir / "results.jsonl"))
@@ -245,5 +245,5 @@ def test_command_line_isolated_points_and_shared_overrides(idx_dir, tmp_path):  
     # the ResNet point got the data and duration overrides of the command line, not the ViT's model
     assert rows[1]["steps"] == 3 and rows[1]["num_examples"] == 203 and rows[1]["model"] == "ResNet-18 w4"
     # the dry run lists both points
-    proc = subprocess.run(cmd[:-1] + ["--dry_run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = childproc.run(cmd[:-1] + ["--dry_run"], cwd=REPO, env=env)
     assert proc.returncode == 0 and "2 points" in proc.stdout

@@ -37,6 +37,7 @@ number of batches.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import math
@@ -219,6 +220,33 @@ def _sequential_stream(builder, split: str, cfg: Any, decoders, *, seed: int, st
 
 # ============================================================================ iterators
 
+# The training streams not yet ended, by id: each entry ends one (see train_iterator's finally).
+_OPEN_STREAMS: dict[int, Any] = {}
+_ATEXIT = []
+
+
+def _end_stream(stop: threading.Event, batches) -> None:
+    stop.set()
+    try:
+        for _ in batches:
+            pass
+    except Exception:  # noqa: BLE001  an ended or failed stream has nothing left to wait for
+        pass
+
+
+def _end_open_streams() -> None:
+    """At exit, before the interpreter finalizes: end every training stream a program left open.
+
+    A stream still open at finalization ends from the module cleanup, when tf.data's threads may no
+    longer take the GIL to run the generator's reads: the process then hangs at exit (seen in 2 of 8
+    runs of a script that returned with its iterator open). atexit handlers run before that point.
+    """
+    for key in list(_OPEN_STREAMS):
+        end = _OPEN_STREAMS.pop(key, None)
+        if end is not None:
+            end()
+
+
 
 def train_iterator(cfg: Any, *, global_batch_size: int, seed: int, start_step: int = 0,
                    process_index: int | None = None, process_count: int | None = None,
@@ -261,6 +289,11 @@ def train_iterator(cfg: Any, *, global_batch_size: int, seed: int, start_step: i
     p = float(mix.get("p", 0.0)) if mix else 0.0
     step = start_step
     batches = ds.as_numpy_iterator()
+    if source is not None:
+        if not _ATEXIT:  # registered after TensorFlow's own handlers, so it runs before them
+            atexit.register(_end_open_streams)
+            _ATEXIT.append(True)
+        _OPEN_STREAMS[id(stop)] = functools.partial(_end_stream, stop, batches)
     try:
         for batch in batches:
             if alpha > 0 and p > 0:
@@ -273,13 +306,10 @@ def train_iterator(cfg: Any, *, global_batch_size: int, seed: int, start_step: i
         # Destroying a tf.data iterator waits for its in-flight work while holding the GIL; a read in
         # the Python generator waiting for the GIL then deadlocks the process (an error after the first
         # batch hung instead of exiting). So the generator is told to stop and the stream drained first.
-        stop.set()
+        # A stream still open when the program exits is ended by _end_open_streams instead.
         if source is not None:  # (the sequential stream has no Python generator, and no end)
-            try:
-                for _ in batches:
-                    pass
-            except Exception:  # noqa: BLE001  at interpreter exit the reads fail fast instead: nothing waits
-                pass
+            _OPEN_STREAMS.pop(id(stop), None)
+            _end_stream(stop, batches)
 
 
 def eval_iterator(cfg: Any, *, global_batch_size: int, split: str | None = None,
