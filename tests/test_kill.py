@@ -7,8 +7,8 @@ to an uninterrupted run's, metrics.jsonl and the TensorBoard files must hold eac
 unfinished checkpoint directory may be left.
 
 "While a checkpoint is being written" is made certain rather than hoped for: the worker
-holds orbax's finalisation of one chosen step (its files are in ``N.orbax-checkpoint-tmp``,
-not yet committed) and says so on stderr; training goes on meanwhile (the write is
+holds orbax's commit of one chosen step (its files are in ``N.orbax-checkpoint-tmp``, not yet
+renamed to ``N``) and says so on stderr; training goes on meanwhile (the write is
 asynchronous) and the test kills it a random step later.
 
 Speed (the test is start-up bound: importing TensorFlow, jax, flax and orbax is ~13 s of a ~20 s
@@ -67,17 +67,21 @@ if pause:  # wait after step `pause` is reported, so the Ctrl-C lands mid-run ho
         real_update(self, step, info)
         if step == pause:
             print(f"PAUSED {step}", file=sys.stderr, flush=True)
-            time.sleep(600)
+            for _ in range(6000):  # short sleeps: a SIGINT that lands on another thread does not cut a long
+                time.sleep(0.1)    # sleep of this one short, and Python runs its handler only between them
     metrics.Progress.update = update
 if hold:  # keep step `hold` in its tmp directory (written, not committed) until killed
-    from orbax.checkpoint import checkpoint_manager as cm
-    real = cm.CheckpointManager._finalize
-    def _finalize(self, step, steps_to_remove):
-        if step == hold:
-            print(f"WRITING {step}", file=sys.stderr, flush=True)
+    # Held at the commit itself (the rename of N.orbax-checkpoint-tmp* to N, in orbax's async thread).
+    # Holding CheckpointManager._finalize instead did not hold the rename, which runs beside it: one
+    # fresh-clone run found step `hold` already committed when it looked.
+    from orbax.checkpoint._src.checkpointers import async_checkpointer as ac
+    real = ac._on_commit_callback
+    def _on_commit_callback(tmpdir, *args, **kwargs):
+        if os.path.basename(str(tmpdir.get_final())) == str(hold):
+            print(f"WRITING {hold}", file=sys.stderr, flush=True)
             time.sleep(600)
-        return real(self, step, steps_to_remove)
-    cm.CheckpointManager._finalize = _finalize
+        return real(tmpdir, *args, **kwargs)
+    ac._on_commit_callback = _on_commit_callback
 from absl import app
 app.run(main.main)
 """
@@ -106,7 +110,7 @@ class Worker:
     """A standby command line: started at once, it imports and waits for :meth:`go`."""
 
     def __init__(self, workdir, idx_dir, data_dir):
-        env = dict(os.environ, PYTHONPATH=ROOT)
+        env = dict(os.environ, PYTHONPATH=ROOT, PYTHONFAULTHANDLER="1")  # SIGABRT prints its stacks
         cache = jax.config.jax_compilation_cache_dir
         if cache:
             env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
@@ -153,7 +157,14 @@ class Worker:
         return self.signal(signal.SIGKILL)
 
     def finish(self, timeout=180.0):
-        rc = self.proc.wait(timeout)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # faulthandler: every thread's stack on stderr
+            self.proc.wait(30)
+            self._reader.join(5)
+            raise AssertionError(f"the command did not end {timeout:.0f} s after the signal; its stderr:\n"
+                                 + "".join(self.lines)[-8000:]) from None
         self.stdout = self.proc.stdout.read()
         self._reader.join(5)
         return rc

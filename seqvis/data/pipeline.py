@@ -247,7 +247,6 @@ def _end_open_streams() -> None:
             end()
 
 
-
 def train_iterator(cfg: Any, *, global_batch_size: int, seed: int, start_step: int = 0,
                    process_index: int | None = None, process_count: int | None = None,
                    local_device_count: int | None = None,
