@@ -250,7 +250,7 @@ def test_a_stream_left_open_is_ended_by_the_exit_handler(cfg, monkeypatch):
     """A program that exits with its training iterator open: an atexit handler ends the stream first.
 
     Left to the interpreter's final cleanup, tf.data's threads can no longer run the generator's reads:
-    the RSS script above hung at exit in 2 of 8 runs on a loaded machine (0 of 12 with the handler).
+    the RSS script above hung at exit in 2 of 8 runs on a loaded machine (0 of 32 with the handler).
     """
     import atexit
 
