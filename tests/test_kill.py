@@ -34,16 +34,7 @@ import orbax.checkpoint as ocp
 
 from seqvis.train.trainer import train_and_evaluate
 
-
-
-def write_idx(path, array):
-    import gzip
-    import struct
-
-    magic = {1: 0x00000801, 3: 0x00000803}[array.ndim]
-    with gzip.open(path, "wb") as f:
-        f.write(struct.pack(">I", magic) + struct.pack(">" + "I" * array.ndim, *array.shape))
-        f.write(array.astype(np.uint8).tobytes())
+from test_train import write_idx
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
