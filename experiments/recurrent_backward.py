@@ -134,21 +134,16 @@ def make_seqvis_loss(split):
     return jax.jit(jax.value_and_grad(loss))
 
 
-def make_inloop_loss():
-    """The in-loop layout (``x_t @ W + h @ U + b`` inside the loop) with the hand-written backward."""
+def make_manual_loss(split):
+    """The hand-written backward in either layout: ``split`` (``x @ W + b`` of all steps before the loop, time-major)
+    or in-loop (``x_t @ W + h @ U + b`` inside the loop)."""
     def loss(params, x):
         w, u, b = params
         zeros = jnp.zeros((x.shape[0], u.shape[0]), x.dtype)
-        return jnp.mean(lstm_inloop_manual(w, u, b, jnp.swapaxes(x, 0, 1), zeros, zeros) ** 2)
-    return jax.jit(jax.value_and_grad(loss))
-
-
-def make_loss(scan_fn):
-    def loss(params, x):
-        w, u, b = params
-        xw = jnp.einsum("btf,fg->tbg", x, w) + b  # all steps' input products at once, time-major
-        zeros = jnp.zeros((x.shape[0], u.shape[0]), x.dtype)
-        hs = scan_fn(u, xw, zeros, zeros)
+        if split:
+            hs = lstm_scan_manual(u, jnp.einsum("btf,fg->tbg", x, w) + b, zeros, zeros)
+        else:
+            hs = lstm_inloop_manual(w, u, b, jnp.swapaxes(x, 0, 1), zeros, zeros)
         return jnp.mean(hs ** 2)
     return jax.jit(jax.value_and_grad(loss))
 
@@ -172,8 +167,8 @@ def main() -> None:
               jnp.asarray(np.linalg.qr(rng.normal(size=(4 * hdim, hdim)))[0].T, jnp.float32),
               jnp.asarray(rng.normal(0, 0.1, (4 * hdim,)), jnp.float32))
     x = jnp.asarray(rng.normal(size=(a.batch, a.T, a.inp)), jnp.float32)
-    fns = {"autodiff": make_seqvis_loss(split=True), "manual": make_loss(lstm_scan_manual),
-           "autodiff_inloop": make_seqvis_loss(split=False), "manual_inloop": make_inloop_loss()}
+    fns = {"autodiff": make_seqvis_loss(split=True), "manual": make_manual_loss(split=True),
+           "autodiff_inloop": make_seqvis_loss(split=False), "manual_inloop": make_manual_loss(split=False)}
 
     out = {name: jax.block_until_ready(fn(params, x)) for name, fn in fns.items()}  # compile + warm up
     (la, ga) = out["autodiff"]

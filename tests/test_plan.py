@@ -15,6 +15,7 @@ import sys
 import textwrap
 
 import pytest
+
 import childproc
 from test_multihost import _env  # a subprocess environment with N simulated CPU devices
 

@@ -13,7 +13,7 @@ def test_manual_backward_equals_autodiff():
     params = tuple(jnp.asarray(rng.normal(0, 0.5, s), jnp.float32) for s in ((f, 4 * h), (h, 4 * h), (4 * h,)))
     x = jnp.asarray(rng.normal(size=(b, t, f)), jnp.float32)
     la, ga = rb.make_seqvis_loss(split=False)(params, x)  # seqvis' Recurrent(LSTMCell), autodiff
-    for fn in (rb.make_seqvis_loss(split=True), rb.make_loss(rb.lstm_scan_manual), rb.make_inloop_loss()):
+    for fn in (rb.make_seqvis_loss(split=True), rb.make_manual_loss(split=True), rb.make_manual_loss(split=False)):
         lm, gm = fn(params, x)
         np.testing.assert_allclose(lm, la, rtol=1e-6)
         for ea, em in zip(ga, gm):

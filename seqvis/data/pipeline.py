@@ -241,10 +241,8 @@ def _end_open_streams() -> None:
     longer take the GIL to run the generator's reads: the process then hangs at exit (seen in 2 of 8
     runs of a script that returned with its iterator open). atexit handlers run before that point.
     """
-    for key in list(_OPEN_STREAMS):
-        end = _OPEN_STREAMS.pop(key, None)
-        if end is not None:
-            end()
+    while _OPEN_STREAMS:
+        _OPEN_STREAMS.popitem()[1]()
 
 
 def train_iterator(cfg: Any, *, global_batch_size: int, seed: int, start_step: int = 0,
