@@ -15,6 +15,8 @@ CPU). The depth ablation found blocks 3-6 add nothing on this task (14.1% error 
 patch_size) keep the 6-block base (their ``ABLATION_DEPTH``) so their committed results reproduce.
 """
 
+import ml_collections
+
 from seqvis.data.presets import data_config
 from seqvis.train.defaults import base_config
 
@@ -39,6 +41,8 @@ def get_config(arg: str | None = None):
         c.model.update(DEFAULT_MODEL)
     else:
         c.model.variant = variant
+    # None: the variant's patch (s/7: 7x7). --config.model.patch_size=4 sets another (it must divide the image).
+    c.model.patch_size = ml_collections.config_dict.placeholder(int)
     c.model.pool = "token"
     c.model.posemb = "learned"
     c.model.dropout_rate = 0.0

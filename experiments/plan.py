@@ -129,6 +129,11 @@ def load_config(spec: str):
 def _apply_override(config, key: str, value: str) -> None:
     import ast
 
+    from seqvis.config_cli import override_problem
+
+    problem = override_problem(config, key, value)
+    if problem is not None and not key.startswith("model."):  # model fields are the model's keyword arguments
+        raise PlanError(f"--config.{key}={value}: {problem}.")
     *parents, leaf = key.split(".")
     node = config
     for p in parents:

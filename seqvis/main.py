@@ -12,18 +12,16 @@ shows the traceback too.
 """
 
 import json
-import logging
 import os
+import signal
 import sys
-import warnings
 
-VERBOSE = os.environ.get("SEQVIS_VERBOSE", "") not in ("", "0") or "--verbose" in sys.argv
-if not VERBOSE:  # before TensorFlow is imported anywhere
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+from seqvis import config_cli, console
+
+VERBOSE = console.verbose_requested()
+console.quiet_environment(VERBOSE)  # before TensorFlow or jax is imported anywhere
 
 from absl import app, flags  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -32,93 +30,6 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. co
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.DEFINE_bool("verbose", False, "Show library output (TensorFlow, tfds, absl, orbax) too; "
                   "also SEQVIS_VERBOSE=1.")
-
-# Library messages that only repeat, as noise, an error seqvis reports once itself.
-_ECHOES = ("Event loop is closed",)
-
-
-class _SeqvisFormatter(logging.Formatter):
-    def format(self, record):
-        msg = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            return f"{record.levelname.lower()}: {msg}"
-        return msg
-
-
-def _drop_orbax(record: logging.LogRecord) -> bool:
-    """orbax logs a failed asynchronous write from each of its threads; the trainer reports it once."""
-    return "/orbax/" not in (record.pathname or "")
-
-
-def setup_console(verbose: bool) -> None:
-    """seqvis lines (INFO) on stderr, plainly; library output only when ``verbose``."""
-    root = logging.getLogger()
-    seqvis_log = logging.getLogger("seqvis")
-    seqvis_log.setLevel(logging.INFO)
-    if not any(getattr(h, "_seqvis", False) for h in seqvis_log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_SeqvisFormatter())
-        handler._seqvis = True  # noqa: SLF001
-        seqvis_log.addHandler(handler)
-    seqvis_log.propagate = False
-    if verbose:
-        root.setLevel(logging.INFO)
-        return
-    root.setLevel(logging.ERROR)
-    for name in ("absl", "tensorflow", "jax", "jax._src", "orbax", "tensorflow_datasets", "matplotlib", "h5py"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    logging.getLogger("absl").addFilter(_drop_orbax)
-    try:
-        absl_logging.set_verbosity(absl_logging.ERROR)
-    except Exception:  # noqa: BLE001
-        pass
-    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category)
-    warnings.filterwarnings("ignore", category=UserWarning,
-                            module=r"(tensorflow|tensorflow_datasets|orbax|flax|jax|absl|keras|ml_collections)")
-
-    # Threads of the checkpoint writer (tensorstore) print "Event loop is closed" tracebacks
-    # (as unraisable exceptions) when a write fails (e.g. a full disk): the failure itself is
-    # reported once by seqvis.train.checkpoint.
-    previous = sys.excepthook
-
-    def hook(etype, value, tb):
-        if isinstance(value, RuntimeError) and any(e in str(value) for e in _ECHOES):
-            return
-        previous(etype, value, tb)
-
-    sys.excepthook = hook
-    previous_unraisable = sys.unraisablehook
-
-    def unraisable(arg):
-        if isinstance(arg.exc_value, RuntimeError) and any(e in str(arg.exc_value) for e in _ECHOES):
-            return
-        previous_unraisable(arg)
-
-    sys.unraisablehook = unraisable
-    _quiet_tfds()
-
-
-def _quiet_tfds() -> None:
-    """tfds prints its own 'Downloading and preparing dataset Unknown size' and progress bars;
-    say instead, once, that the data set is being prepared and where."""
-    try:
-        import tensorflow_datasets as tfds
-        from tensorflow_datasets.core import dataset_builder
-
-        tfds.disable_progress_bar()
-        log = logging.getLogger("seqvis.data")
-
-        def preparing(self):
-            log.info("Preparing data set %s in %s (once; later runs reuse it)...", self.name, self.data_dir)
-
-        def prepared(self):
-            log.info("Data set %s ready.", self.name)
-
-        dataset_builder.DatasetBuilder._log_download_bytes = preparing  # noqa: SLF001
-        dataset_builder.DatasetBuilder._log_download_done = prepared  # noqa: SLF001
-    except Exception:  # noqa: BLE001 - tfds internals moved: its own lines stay, nothing breaks
-        pass
 
 
 def _fail(message: str, code: int = 1):
@@ -131,13 +42,13 @@ def _fail(message: str, code: int = 1):
 def main(argv):
     del argv
     verbose = VERBOSE or FLAGS.verbose
-    setup_console(verbose)
+    console.setup(verbose)
     if FLAGS.config is None or FLAGS.workdir is None:
         sys.exit("usage: python -m seqvis.main --config=configs/vit.py[:ARG] --workdir=DIR")
 
     # Deferred on purpose: jax, orbax and TensorFlow load only after the console is quieted.
     from seqvis.errors import CheckpointError
-    from seqvis.train.trainer import TrainingInterrupted, train_and_evaluate
+    from seqvis.train.trainer import TrainingInterrupted, TrainingPreempted, train_and_evaluate
 
     traceback = os.environ.get("SEQVIS_TRACEBACK", "") not in ("", "0")
     # The exit happens after the except blocks: while an exception is alive its traceback keeps the
@@ -151,6 +62,10 @@ def main(argv):
             raise
         failure = (e.message if isinstance(e, TrainingInterrupted) else
                    "interrupted; re-run the same command to resume.", 130, False)
+    except TrainingPreempted as e:
+        if traceback:
+            raise
+        failure = (str(e), 128 + signal.SIGTERM, False)
     except (CheckpointError, FloatingPointError, ValueError, FileNotFoundError, NotADirectoryError,
             PermissionError) as e:
         # Errors a user can cause carry a message naming the field/file and the fix; the
@@ -176,5 +91,24 @@ def main(argv):
                   f"-> {os.path.join(FLAGS.workdir, 'results.json')}")
 
 
+def parse_flags(argv):
+    """absl's parsing, with one line instead of a traceback for a command line that cannot work."""
+    spec = config_cli.config_spec(argv)
+    if spec and not os.path.isfile(spec.partition(":")[0]):
+        _usage_error(f"--config={spec}: there is no file {spec.partition(':')[0]!r}; e.g. --config=configs/vit.py.")
+    try:
+        return FLAGS(argv)
+    except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+        if os.environ.get("SEQVIS_TRACEBACK", "") not in ("", "0"):
+            raise
+        cause = e.__cause__ or e.__context__ if isinstance(e, flags.Error) else e
+        _usage_error(config_cli.explain_flag_error(argv, cause) if cause is not None else str(e))
+
+
+def _usage_error(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -27,10 +27,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "seqvis")
 
 # Bottom to top; a module may import its own layer and the layers below it.
-LAYERS = ("seqvis.errors", "seqvis.utils", "seqvis.models", "seqvis.data", "seqvis.evaluation", "seqvis.train",
-          "seqvis.analysis", "seqvis.main")
+LAYERS = ("seqvis.errors", "seqvis.utils", "seqvis.console", "seqvis.config_cli", "seqvis.models", "seqvis.data",
+          "seqvis.evaluation", "seqvis.train", "seqvis.analysis", "seqvis.main")
 # Plotting stays off the hot path: these layers never import it.
-NO_PLOTTING = ("seqvis.errors", "seqvis.utils", "seqvis.models", "seqvis.data", "seqvis.evaluation", "seqvis.train",
+NO_PLOTTING = ("seqvis.errors", "seqvis.utils", "seqvis.console", "seqvis.config_cli", "seqvis.models", "seqvis.data", "seqvis.evaluation", "seqvis.train",
                "seqvis.main")
 PLOTTING = ("matplotlib",)
 
@@ -112,6 +112,21 @@ def _imports(module: str, path: str) -> list[Import]:
 
 
 ALL = [imp for m, p in MODULES.items() for imp in _imports(m, p)]
+
+
+def _parse_all() -> dict[str, ast.AST]:
+    trees = {}
+    for module, path in MODULES.items():
+        with open(path) as f:
+            trees[module] = ast.parse(f.read())
+    return trees
+
+
+# Parsed at collection, before any test of this worker has started an input pipeline: CPython 3.11.7 keeps
+# one AST-construction depth counter per interpreter, and a tf.data thread formatting an exception
+# (traceback's caret anchors call ast.parse) while this thread parses makes ast.parse raise
+# "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905).
+TREES = _parse_all()
 
 
 def _layer(module: str) -> int | None:
@@ -207,9 +222,7 @@ def test_no_private_name_of_another_module():
         if i.target in MODULES and i.target != i.importer:
             found |= {(i.importer, f"{i.target}.{n}") for n in i.names if n.startswith("_") and not n.startswith("__")}
     # `import seqvis.x as y` / `from seqvis import x as y`, then `y._name`
-    for module, path in MODULES.items():
-        with open(path) as f:
-            tree = ast.parse(f.read())
+    for module, tree in TREES.items():
         aliases = {}
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):

@@ -110,7 +110,8 @@ def test_first_batch_without_counting_pass_and_images_decoded_late(cfg, monkeypa
     monkeypatch.setattr(pipeline.RecordSource, "in_order", no_full_pass)
     batch = stream(cfg, 0, 1, source=src)[0]
     assert batch["image"].shape == (1, BATCH, 224, 224, 3) and batch["image"].dtype == np.float32
-    assert src.reads <= 4 * BATCH  # the first batch and what tf.data prefetched, not the split
+    # the first batch and what the stream may read ahead, not the split
+    assert src.reads <= (1 + pipeline.read_ahead_batches(cfg)) * BATCH < N_TRAIN
     assert not any(k[0] == "synthetic_jpeg" for k in pipeline._COUNTED)
 
 
@@ -129,7 +130,10 @@ def test_resume_mid_epoch_is_exact_and_reads_one_batch(cfg):
         for got, want in zip(resumed, run[start:start + 2]):
             assert ids(got) == ids(want)
             np.testing.assert_array_equal(got["image"], want["image"])  # same crops and flips
-    assert reads[27] == reads[1] <= 4 * BATCH  # O(1): independent of the position
+    # O(1): the two batches and the stream's read-ahead, whatever the position (a re-read of the epoch up to
+    # step 27 would be 27 x 32 records) and however fast this machine's tf.data threads run.
+    bound = (2 + pipeline.read_ahead_batches(c)) * BATCH
+    assert 2 * BATCH <= reads[1] <= bound and 2 * BATCH <= reads[27] <= bound, (reads, bound)
 
 
 def test_two_processes_see_each_example_once_per_epoch(cfg):
@@ -233,7 +237,14 @@ RSS_SCRIPT = textwrap.dedent("""
 
 
 def test_rss_stays_flat_over_three_epochs(cfg):
-    """Decoded, the split is ~200 MB; RSS after epochs 1-3 stays within a small margin of the first batch."""
+    """Nothing decoded is kept: RSS does not grow by what a decoded cache of the split would hold.
+
+    Decoded, the split is ~200 MB. A cache of it would add all of that during the first epoch, and a
+    leak of decoded images would keep adding after it. So: the first epoch adds less than half the
+    decoded split (the rest is tf.data's and the allocator's warm-up: 12-55 MB measured on AVX2 and AVX-512
+    CPUs), and epochs 2-3 together add less than a quarter of it (0.5-25 MB measured, the most with the
+    other core busy). Keeping even the decoded crops of one epoch would add ~380 MB.
+    """
     b = pipeline.get_builder(cfg)
     decoded_mb = sum(int(np.prod(ex["image"].shape)) for ex in b.as_data_source("train")) / 2**20
     out = childproc.run([sys.executable, "-c", RSS_SCRIPT, cfg.data_dir, json.dumps(dict(cfg.builder_kwargs)),
@@ -241,9 +252,8 @@ def test_rss_stays_flat_over_three_epochs(cfg):
     assert out.returncode == 0, out.stderr[-3000:]
     rss = json.loads(out.stdout.strip().splitlines()[-1])
     assert decoded_mb > 150
-    growth = max(rss[1:]) - rss[0]
-    assert growth < 0.2 * decoded_mb, (rss, decoded_mb)
-    assert rss[3] - rss[1] < 0.1 * decoded_mb, (rss, decoded_mb)
+    assert rss[1] - rss[0] < 0.5 * decoded_mb, (rss, decoded_mb)  # epoch 1: warm-up, not a cache
+    assert max(rss[2:]) - rss[1] < 0.25 * decoded_mb, (rss, decoded_mb)  # after warm-up: flat
 
 
 def test_a_stream_left_open_is_ended_by_the_exit_handler(cfg, monkeypatch):

@@ -43,8 +43,8 @@ TOTAL = 16
 WORKER = r"""
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
-from seqvis import main
-main.setup_console(False)  # what main() does first, then the imports it defers
+from seqvis import console, main  # noqa: F401 - main: what the command imports first
+console.setup(False)  # what main() does first, then the imports it defers
 import seqvis.train.trainer, seqvis.data.pipeline, tensorflow, tensorflow_datasets  # noqa: E401
 print("READY", file=sys.stderr, flush=True)
 go = sys.stdin.readline()  # the test's go: "HOLD PAUSE" (steps, 0 = none)

@@ -397,8 +397,8 @@ def test_case8_checkpoint_writer_echoes_are_dropped_on_the_console():
     import sys
 
     code = "\n".join([
-        "from seqvis import main",
-        "main.setup_console(False)",
+        "from seqvis import console",
+        "console.setup(False)",
         "class Echo:",
         "    def __del__(self): raise RuntimeError('Event loop is closed')",
         "class Other:",
@@ -501,7 +501,7 @@ def tensorboard_scalars(logdir):
 
 def test_case9_tensorboard_after_resume_has_each_step_once_and_keeps_the_dropped_events(idx_dir, data_dir, tmp_path):
     """A run stopped at step 6 (steps 1-5 logged) with its checkpoint at 4, resumed to 8, then re-run once finished (it
-    repeats the final evaluation): the event files hold each (tag, step) once, with metrics.jsonl's values,
+    is done: nothing is written): the event files hold each (tag, step) once, with metrics.jsonl's values,
     both read raw and through TensorBoard's own loader; the files as they were before each resume are kept
     whole in tensorboard.orphaned/, outside the log directory and not named as event files."""
     from tensorboard.backend.event_processing import event_accumulator
@@ -516,7 +516,7 @@ def test_case9_tensorboard_after_resume_has_each_step_once_and_keeps_the_dropped
     first = {n: open(os.path.join(logdir, n), "rb").read() for n in os.listdir(logdir)}
 
     train_and_evaluate(config, workdir)  # resumes from step 4
-    train_and_evaluate(config, workdir)  # finished: resumes at step 8 and evaluates again
+    train_and_evaluate(config, workdir)  # finished: already done, nothing written
 
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     expected = {}
@@ -547,7 +547,7 @@ def test_case9_tensorboard_after_resume_has_each_step_once_and_keeps_the_dropped
     for n in first:
         assert open(os.path.join(orphaned, f"resumed-at-4.{n.replace('tfevents', 'orphaned-events')}"), "rb").read() \
             == first[n]
-    assert [n for n in kept if n.startswith("resumed-at-8.")], kept  # the repeated final evaluation's file
+    assert not [n for n in kept if n.startswith("resumed-at-8.")], kept  # the finished run was not re-opened
     assert "resumed at step 4" in open(os.path.join(orphaned, "README.txt")).read()
 
 

@@ -38,7 +38,9 @@ number of batches.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
+import io
 import logging
 import math
 import threading
@@ -91,10 +93,22 @@ def _prepare_once(make_builder):
         from jax.experimental import multihost_utils
 
         if jax.process_index() == 0:
-            make_builder().download_and_prepare()
+            _prepare(make_builder())
         multihost_utils.sync_global_devices("seqvis_prepare_local_dataset")
-    builder = make_builder()
-    builder.download_and_prepare()  # a no-op when the data is already there
+    return _prepare(make_builder())
+
+
+def _prepare(builder):
+    """``download_and_prepare`` (a no-op, after the builder's own checks, when the files are there)."""
+    fresh = not builder.is_prepared()
+    if fresh:
+        log.info("Preparing data set %s in %s (once; later runs reuse it)...", builder.name, builder.data_dir)
+    # tfds prints its own "Downloading and preparing ..." lines to stdout, where a command's results go.
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        builder.download_and_prepare()
+    if fresh:
+        log.debug("%s", said.getvalue().strip())
+        log.info("Data set %s ready.", builder.name)
     return builder
 
 
@@ -169,12 +183,26 @@ def shuffled_indices(positions: np.ndarray, n: int, seed: int) -> np.ndarray:
     return out
 
 
+def read_ahead_batches(cfg: Any) -> int:
+    """How many batches the training stream reads beyond those it has yielded, at most.
+
+    The prefetch buffer (``config.data.prefetch`` batches; 2 when it is 0, i.e. tf.data's autotuned
+    buffer, which this caps), the batch being assembled, and the examples in the parallel pp ops. A
+    resume at any step therefore reads at most ``(k + read_ahead_batches) x per-process batch`` records
+    to yield its first ``k`` batches, however fast the machine is.
+    """
+    return (int(cfg.get("prefetch", 2)) or 2) + 2
+
+
 def _indexed_stream(source, *, seed: int, start_step: int, global_batch: int, per_proc: int, pi: int,
-                    stop: threading.Event):
+                    stop: threading.Event, credit: threading.Semaphore):
     """tf.data dataset of single examples, in stream order from ``start_step`` (this process's share).
 
-    The reads run in a Python generator inside tf.data; setting ``stop`` ends the stream, which
-    :func:`train_iterator` does before it lets go of the iterator (see there).
+    The reads run in a Python generator inside tf.data, one per-process batch at a time, each after
+    taking one of ``credit``'s permits: :func:`train_iterator` starts it with
+    :func:`read_ahead_batches` permits and returns one per batch it yields, so the reads never run
+    further ahead than that. Setting ``stop`` ends the stream, which :func:`train_iterator` does
+    before it lets go of the iterator (see there).
     """
     tf = _tf()
     n = len(source)
@@ -182,6 +210,8 @@ def _indexed_stream(source, *, seed: int, start_step: int, global_batch: int, pe
     def gen():
         step = start_step
         while not stop.is_set():
+            if not credit.acquire(timeout=0.1):
+                continue  # the consumer is behind: wait (and notice a stop)
             pos = step * global_batch + pi * per_proc + np.arange(per_proc, dtype=np.int64)
             ex = source.read(shuffled_indices(pos, n, seed))
             ex["_seed"] = np.stack([np.full(per_proc, int(seed), np.int64), pos], axis=1)
@@ -267,12 +297,13 @@ def train_iterator(cfg: Any, *, global_batch_size: int, seed: int, start_step: i
     decoders = decoders_for(builder, spec)
     source = source if source is not None else train_source(cfg, builder, split, decoders)
     stop = threading.Event()
+    credit = threading.Semaphore(read_ahead_batches(cfg))
     if source is not None:
         if len(source) < global_batch_size:
             raise DataError(f"split {split!r} has {len(source)} examples, fewer than one batch "
                             f"(config.batch_size={global_batch_size}).")
         ds = _indexed_stream(source, seed=seed, start_step=start_step, global_batch=global_batch_size,
-                             per_proc=per_proc, pi=pi, stop=stop)
+                             per_proc=per_proc, pi=pi, stop=stop, credit=credit)
     else:
         ds = _sequential_stream(builder, split, cfg, decoders, seed=seed, start_step=start_step, per_proc=per_proc,
                                 pi=pi, pc=pc)
@@ -290,23 +321,25 @@ def train_iterator(cfg: Any, *, global_batch_size: int, seed: int, start_step: i
         if not _ATEXIT:  # registered after TensorFlow's own handlers, so it runs before them
             atexit.register(_end_open_streams)
             _ATEXIT.append(True)
-        _OPEN_STREAMS[id(stop)] = functools.partial(_end_stream, stop, batches)
+        end = _OPEN_STREAMS[id(stop)] = functools.partial(_end_stream, stop, batches)
     try:
         for batch in batches:
             if alpha > 0 and p > 0:
                 batch = preprocess.mixup(batch, seed=(int(seed), step), alpha=alpha, p=p,
                                          num_classes=int(cfg.num_classes))
             batch["mask"] = np.ones(per_proc, np.float32)
+            credit.release()  # one batch out: the reads may go one batch further
             yield _to_devices(batch, nd)
             step += 1
     finally:
         # Destroying a tf.data iterator waits for its in-flight work while holding the GIL; a read in
         # the Python generator waiting for the GIL then deadlocks the process (an error after the first
         # batch hung instead of exiting). So the generator is told to stop and the stream drained first.
-        # A stream still open when the program exits is ended by _end_open_streams instead.
-        if source is not None:  # (the sequential stream has no Python generator, and no end)
+        # A stream still open when the program exits is ended by _end_open_streams instead (and this block,
+        # run once more when the interpreter collects the generator, then has nothing left to do).
+        if source is not None and not stop.is_set():  # (the sequential stream has no Python generator)
             _OPEN_STREAMS.pop(id(stop), None)
-            _end_stream(stop, batches)
+            end()
 
 
 def eval_iterator(cfg: Any, *, global_batch_size: int, split: str | None = None,

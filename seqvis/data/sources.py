@@ -19,6 +19,7 @@ counting: :func:`split_size`); :func:`split_labels` its labels, for the subset.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
@@ -90,8 +91,9 @@ def split_size(builder, split: str, cfg: Any) -> int:
         raise DataError(f"config.data split {split!r} is not a split of {builder.name}: {e}") from e
     key = split_key(builder, split)
     if key not in COUNTED:
+        ds = as_dataset(builder, split, cfg)  # first: a set that is not prepared fails here, with its message
         log.info("The dataset info of %s has no size for split %r: counting it once.", builder.name, split)
-        COUNTED[key] = sum(1 for _ in as_dataset(builder, split, cfg))
+        COUNTED[key] = sum(1 for _ in ds)
     return COUNTED[key]
 
 
@@ -317,6 +319,15 @@ def decoded_bytes(builder, split: str, cfg: Any) -> int | None:
     return n * per_example + extra
 
 
+def check_cache_budget(cfg: Any) -> float | None:
+    """``config.data.cache_max_gb``: None (a quarter of the host's memory) or a size in GiB >= 0."""
+    budget_gb = cfg.get("cache_max_gb", None)
+    if budget_gb is not None and not (float(budget_gb) >= 0 and math.isfinite(float(budget_gb))):
+        raise DataError(f"config.data.cache_max_gb={budget_gb} must be a size in GiB >= 0 (unset: a quarter of "
+                        "the host's memory); to never cache, set --config.data.cache=none.")
+    return budget_gb
+
+
 def cache_plan(builder, split: str, cfg: Any) -> tuple[bool, str]:
     """(cache decoded in memory?, why) for ``config.data.cache`` = auto | memory | none."""
     mode = cfg.get("cache", "auto")
@@ -324,10 +335,10 @@ def cache_plan(builder, split: str, cfg: Any) -> tuple[bool, str]:
     if mode not in ("auto", "memory", "none"):
         raise DataError(f"config.data.cache={mode!r}: use 'auto' (decoded in memory when it fits), 'memory' or "
                         "'none'.")
+    budget_gb = check_cache_budget(cfg)
     if mode == "none":
         return False, "config.data.cache='none'"
     size = decoded_bytes(builder, split, cfg)
-    budget_gb = cfg.get("cache_max_gb", None)
     budget = float(budget_gb) * 2**30 if budget_gb is not None else host_memory_bytes() / 4
     if size is None:
         why = "its decoded size is unknown (features without a fixed shape)"

@@ -84,9 +84,39 @@ def _flag(field: str, value: Any) -> str:
     return f"--config.{field}={value}"
 
 
+def _unset_dropped(value: Any) -> Any:
+    """A config value with its unset (None) fields left out: a field a newer config adds as "not set"
+    changes nothing a checkpoint holds."""
+    if isinstance(value, dict):
+        return {k: _unset_dropped(v) for k, v in value.items() if v is not None}
+    return value
+
+
 def _structural_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
     """``(field, saved value, current value)`` for each field that changes the shapes of the saved state."""
-    return [(k, _get(saved, k), _get(current, k)) for k in _STRUCTURAL if _get(saved, k) != _get(current, k)]
+    return [(k, _get(saved, k), _get(current, k)) for k in _STRUCTURAL
+            if _unset_dropped(_get(saved, k)) != _unset_dropped(_get(current, k))]
+
+
+def _leaves(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(cfg, dict):
+        return {prefix[:-1]: cfg}
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        out.update(_leaves(v, f"{prefix}{k}."))
+    return out
+
+
+def config_changes(saved: dict, current: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    """``"config.FIELD: SAVED -> NOW"`` for every field whose value differs from the checkpoint's config
+    (fields only one side sets count when they are set), leaving out the fields under ``skip``."""
+    a, b = _leaves(_unset_dropped(saved)), _leaves(_unset_dropped(current))
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k) and not any(k == s or k.startswith(s + ".") for s in skip):
+            out.append(f"config.{k}: {json.dumps(a.get(k)) if k in a else '(not set)'} -> "
+                       f"{json.dumps(b.get(k)) if k in b else '(not set)'}")
+    return out
 
 
 def resume_problems(saved: dict, current: dict, saved_meta: dict | None, process_count: int,

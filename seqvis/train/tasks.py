@@ -119,6 +119,8 @@ def build_classifier(model_cfg: Any, num_classes: int, dtype: Any = None) -> nn.
     None keeps the modules' float32 default. Parameters are float32 either way."""
     cfg = dict(model_cfg)
     cfg.pop("dtype", None)  # decided by config.precision (checked in precision.compute_dtype)
+    if cfg.get("patch_size", 0) is None:  # a config's "not set": the variant's own patch size
+        del cfg["patch_size"]
     if dtype is not None:
         cfg["dtype"] = dtype
     name = cfg.pop("name", "vit")

@@ -38,6 +38,7 @@ written here with numpy alone; torch is needed only for ``.pth``/``.bin`` files.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -72,10 +73,13 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         except ValueError as e:
             raise ValueError(f"{path} is not a .safetensors file (its header is not JSON: {e}).") from None
         data = f.read()
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    need = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    if need > len(data):
+        raise ValueError(f"{path} is truncated: its header describes {need} bytes of tensor data but the file holds "
+                         f"{len(data)} ({size} bytes in all). Download or copy it again.")
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    for name, info in tensors.items():
         begin, end = info["data_offsets"]
         buf = data[begin:end]
         if info["dtype"] == "BF16":  # bfloat16 = the upper half of a float32
@@ -84,6 +88,9 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
             arr = np.frombuffer(buf, _DTYPES[info["dtype"]])
         else:
             raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which seqvis cannot read.")
+        if arr.size != math.prod(info["shape"]):
+            raise ValueError(f"{path}: tensor {name!r} has {arr.size} values for its shape {info['shape']}; the "
+                             "file is damaged. Download or copy it again.")
         out[name] = arr.reshape(info["shape"]).copy()
     return out
 

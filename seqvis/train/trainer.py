@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqvis.data import subset as subset_lib
+from seqvis.data.sources import check_cache_budget
 from seqvis.errors import ConfigError  # noqa: F401 - re-exported: its old home
 from seqvis.evaluation.flops import forward_flops_per_example
 from seqvis.models.common import num_params
@@ -29,11 +30,17 @@ from seqvis.train import optim
 from seqvis.train import sharding as sharding_lib
 from seqvis.train import step as step_lib
 from seqvis.train.precision import precision_name
+from seqvis.train.preemption import Preemption
 from seqvis.train.metrics import MetricWriter, Progress
 from seqvis.train.pretrained import load_pretrained
 from seqvis.train.tasks import get_task
+from seqvis.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
+
+
+class TrainingPreempted(Exception):
+    """SIGTERM during training: the state was saved at the current step; ``str()`` says where."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -91,6 +98,7 @@ def check_config(config: Any) -> None:
     if k is not None and int(k) < 1:
         raise ConfigError(f"config.data.num_classes={k} must be >= 1.")
     subset_lib.requested(config.get("data", None))  # train_examples: whole, >= 0, a multiple of the classes
+    check_cache_budget(config.data)
     bs = int(config.batch_size)
     devices = jax.device_count()
     accum = int(config.get("grad_accum_steps", 1))
@@ -148,6 +156,38 @@ def evaluate(task, driver, state, config, data_lib) -> dict[str, float]:
     return out
 
 
+def _refuse_a_shorter_run(ckpt, workdir: str, total_steps: int, config: Any) -> None:
+    """A workdir trained past ``total_steps`` is refused: going on would rewrite a longer run's results."""
+    done = max(ckpt.steps(), default=0) if ckpt is not None else 0
+    if done <= total_steps:
+        return
+    field = (f"config.total_steps={total_steps}" if config.get("total_steps") else
+             f"config.num_epochs={config.get('num_epochs')} ({total_steps} steps)")
+    raise ConfigError(
+        f"--workdir={workdir} holds a run trained to step {done}, past {field}: going on would overwrite its "
+        "results with those of a shorter run. To train it further, raise config.total_steps (or "
+        f"config.num_epochs); to train {total_steps} steps, use a new --workdir (--config.init_from="
+        f"{os.path.abspath(workdir)} starts from its weights).")
+
+
+def _results_of_a_finished_run(workdir: str, step: int, total_steps: int) -> dict | None:
+    """The results of a run resumed at its last step whose final evaluation is written: it is done, and
+    nothing more is written. None when it still needs that evaluation (it stopped during it)."""
+    if step != total_steps:
+        return None
+    path = os.path.join(workdir, "results.json")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if int(results.get("steps", -1)) != total_steps:
+        return None
+    log.info("Already done: %s was trained to step %d and evaluated; nothing to do (results: %s).",
+             os.path.abspath(workdir), total_steps, os.path.abspath(path))
+    return results
+
+
 # ============================================================================ main entry
 
 
@@ -161,9 +201,12 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at_step: int | None = 
     Ctrl-C raises :class:`TrainingInterrupted` saying the step reached and the step a
     re-run resumes from (after any checkpoint being written has been completed).
     """
+    maybe_initialize_distributed(config)  # before anything touches the devices
+    check_config(config)
     run: dict[str, Any] = {"step": None, "ckpt": None}
     try:
-        return _train_and_evaluate(config, workdir, stop_at_step, run)
+        with WorkdirLock(workdir, jax.process_index()):  # refuses a workdir another run is training in
+            return _train_and_evaluate(config, workdir, stop_at_step, run)
     except KeyboardInterrupt as e:
         if isinstance(e, TrainingInterrupted):
             raise
@@ -184,8 +227,6 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at_step: int | None = 
 def _train_and_evaluate(config: Any, workdir: str, stop_at_step: int | None, run: dict) -> dict[str, Any] | None:
     from seqvis.data import pipeline as data_lib  # tensorflow only when training
 
-    maybe_initialize_distributed(config)  # before anything touches the devices
-    check_config(config)
     chief = jax.process_index() == 0
     config_dict = config_to_dict(config)
     seed = int(config.get("seed", 0))
@@ -200,8 +241,9 @@ def _train_and_evaluate(config: Any, workdir: str, stop_at_step: int | None, run
                                      async_save=bool(config.get("async_checkpointing", True)), cleanup=True)
         run["ckpt"] = ckpt
         try:
+            saved = ckpt.latest_config()
             allowed = ckpt.check_resume(config_dict, process_count=jax.process_count(),
-                                        allow_data_change=allow_data_change)
+                                        allow_data_change=allow_data_change, saved=saved)
         except BaseException:
             ckpt.close(raise_errors=False)
             raise
@@ -209,6 +251,11 @@ def _train_and_evaluate(config: Any, workdir: str, stop_at_step: int | None, run
             log.warning("Resuming with a changed data stream (--config.resume=%s):\n  %s",
                         ckpt_lib.ALLOW_DATA_CHANGE, "\n  ".join(allowed))
             run["data_changes_allowed"] = allowed
+        changed = ckpt_lib.config_changes(saved[1], config_dict, skip=ckpt_lib.DATA_STREAM + ("resume",)) \
+            if saved else []
+        if changed:
+            log.warning("Resuming from step %d with a changed config; training goes on with the new values:\n  %s",
+                        saved[0], "\n  ".join(changed))
 
     os.makedirs(workdir, exist_ok=True)
     try:
@@ -232,6 +279,8 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
         n_train = data_lib.num_examples(config.data, config.data.get("train_split", "train"))
         total_steps = int(math.ceil(float(config.num_epochs) * n_train / global_batch))
 
+    _refuse_a_shorter_run(run["ckpt"], workdir, total_steps, config)
+
     # ---------------------------------------------------------------- model and optimiser
     task = get_task(config)
     task.setup(workdir, data_lib)
@@ -254,20 +303,25 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
     # Steps that cannot be read are skipped (and moved aside once an older one is restored);
     # the data position saved with the state is checked against the step.
     ckpt = run["ckpt"]
-    if ckpt is None:  # a new workdir: created only now, after config, data and model have been checked
-        ckpt = run["ckpt"] = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)),
-                                                   async_save=bool(config.get("async_checkpointing", True)),
-                                                   cleanup=True)
     meta = {"step": 0, "examples_seen": 0, "train_seconds": 0.0}
-    restored = ckpt.restore_latest(driver.restore_target(host_state), config_dict, process_count=jax.process_count(),
-                                   allow_data_change=allow_data_change)
+    restored = None
+    if ckpt is not None:
+        restored = ckpt.restore_latest(driver.restore_target(host_state), config_dict,
+                                       process_count=jax.process_count(), allow_data_change=allow_data_change)
     if restored is not None:
         host_state, meta = restored
+        finished = _results_of_a_finished_run(workdir, int(meta["step"]), total_steps)
+        if finished is not None:
+            return finished
         log.info("Resuming from step %d (%s)", meta["step"], ckpt.directory)
     elif config.get("init_from"):
         params = load_pretrained(config.init_from, host_state.params,
                                  allow_partial=bool(config.get("init_from_allow_partial", False)))
         host_state = host_state.replace(params=params, opt_state=jax.device_get(tx.init(params)))
+    if ckpt is None:  # a new workdir: created only now, after config, data, model and init_from have been checked
+        ckpt = run["ckpt"] = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)),
+                                                   async_save=bool(config.get("async_checkpointing", True)),
+                                                   cleanup=True)
     start_step = int(meta["step"])
     data_changes = list(meta.get("data_changes", []))
     if restored is not None and run.get("data_changes_allowed"):
@@ -352,38 +406,46 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
     history: list[dict] = []
     t_log, last_log_step = time.time(), start_step
     run["step"] = start_step
-    for step in range(start_step, total_steps):
-        batch = first_batch if step == start_step else next(it)
-        state, metrics = driver.train(state, driver.put_batch(batch))
-        history.append(metrics)
-        done = step + 1
-        run["step"] = done
-        if stop_at_step is not None and done >= stop_at_step:
-            it.close()
-            jax.block_until_ready(state)
-            ckpt.close()
-            writer.close()
-            return None
-        if done % log_every == 0 or done == total_steps:
-            history = driver.fetch(history)
-            bad = int(history[-1]["bad_step"])
-            if bad >= 0:
-                raise nonfinite(bad)
-            row = _mean_metrics(history)
-            elapsed = time.time() - t_log
-            row["img_per_sec"] = (done - last_log_step) * global_batch / max(elapsed, 1e-9)
-            row["img_per_sec_per_device"] = row["img_per_sec"] / jax.device_count()
-            if flops is not None:
-                row["gflops_per_example"] = flops / 1e9
-            writer.write(done, row, prefix="train/")
-            progress.update(done, {"loss": row["loss"], "lr": row["learning_rate"],
-                                   "img/s": row["img_per_sec"]})
-            history, t_log, last_log_step = [], time.time(), done
-        if done % ckpt_every == 0 or done == total_steps:
-            save(done, state)
-        if eval_every and done % eval_every == 0 and done != total_steps:
-            ev = evaluate(task, driver, state, config, data_lib)
-            writer.write(done, ev, prefix="eval/")
+    with Preemption() as preemption:  # SIGTERM: save at the current step, then stop
+        for step in range(start_step, total_steps):
+            batch = first_batch if step == start_step else next(it)
+            state, metrics = driver.train(state, driver.put_batch(batch))
+            history.append(metrics)
+            done = step + 1
+            run["step"] = done
+            if stop_at_step is not None and done >= stop_at_step:
+                it.close()
+                jax.block_until_ready(state)
+                ckpt.close()
+                writer.close()
+                return None
+            if done % log_every == 0 or done == total_steps:
+                history = driver.fetch(history)
+                bad = int(history[-1]["bad_step"])
+                if bad >= 0:
+                    raise nonfinite(bad)
+                row = _mean_metrics(history)
+                elapsed = time.time() - t_log
+                row["img_per_sec"] = (done - last_log_step) * global_batch / max(elapsed, 1e-9)
+                row["img_per_sec_per_device"] = row["img_per_sec"] / jax.device_count()
+                if flops is not None:
+                    row["gflops_per_example"] = flops / 1e9
+                writer.write(done, row, prefix="train/")
+                progress.update(done, {"loss": row["loss"], "lr": row["learning_rate"],
+                                       "img/s": row["img_per_sec"]})
+                history, t_log, last_log_step = [], time.time(), done
+            if done % ckpt_every == 0 or done == total_steps:
+                save(done, state)
+            if eval_every and done % eval_every == 0 and done != total_steps:
+                ev = evaluate(task, driver, state, config, data_lib)
+                writer.write(done, ev, prefix="eval/")
+            if done < total_steps and preemption.reached(done):  # e.g. SIGTERM: the VM is being preempted
+                if done % ckpt_every:
+                    save(done, state)
+                progress.close()
+                ckpt.wait()
+                raise TrainingPreempted(f"{preemption.signal_name} at step {done}: saved a checkpoint at step "
+                                        f"{done}; re-run the same command to resume ({os.path.abspath(workdir)}).")
     progress.close()
     it.close()  # the input pipeline stops (and frees its buffers) before the final evaluation
     jax.block_until_ready(state)
