@@ -21,7 +21,8 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.2", "pytest-timeout>=2.1"],
+        # safetensors: the reference reader/writer the own .safetensors code is checked against
+        "test": ["pytest>=8", "pytest-xdist>=3.2", "pytest-timeout>=2.1", "safetensors>=0.4"],
         "plots": ["matplotlib>=3.7", "scipy>=1.10"],
     },
 )

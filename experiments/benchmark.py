@@ -2,7 +2,7 @@
 
     python -m experiments.benchmark [--steps 20] [--models default,ti4_32]
     python -m experiments.benchmark --input=default,jpeg,jpeg_1core,resume   # the input pipeline alone
-    python -m experiments.benchmark --compare --peer_python=/work/peers/bin/python  # vs timm / torch.nn
+    python -m experiments.benchmark --compare --peer_python=PEER_VENV/bin/python  # vs timm / torch.nn
 
 Prints one JSON line per (model, mode). The train step is the real seqvis step (pmap over
 all local devices, optimiser update included) on synthetic batches, so the input pipeline

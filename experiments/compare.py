@@ -1,6 +1,6 @@
 """seqvis against timm / torch.nn on the same CPU, measured side by side in one run.
 
-    python -m experiments.benchmark --compare --peer_python=/work/peers/bin/python
+    python -m experiments.benchmark --compare --peer_python=PEER_VENV/bin/python
     python -m experiments.benchmark --compare --workloads=lstm_train,gru_train --repeats=5
 
 Each workload is built twice from one dict of shapes (``WORKLOADS``): in this process with
@@ -245,8 +245,8 @@ def run(names: list[str], make_seqvis: Callable[[dict], Any], peer_python: str |
     except PeerError as e:
         machine["peer_error"] = str(e)
         log(f"--compare: no peer ({e}); reporting seqvis alone. Install torch/timm in a separate venv "
-            "(python3 -m venv /work/peers && /work/peers/bin/pip install torch torchvision timm) "
-            "and pass --peer_python=/work/peers/bin/python.")
+            "(python3 -m venv PEER_VENV && PEER_VENV/bin/pip install torch torchvision timm) "
+            "and pass --peer_python=PEER_VENV/bin/python (or set SEQVIS_PEER_PYTHON).")
     rows = []
     try:
         for name in names:

@@ -1,6 +1,6 @@
 """The peer side of ``python -m experiments.benchmark --compare``: timm / torch.nn workloads.
 
-Run by the peer interpreter (``--peer_python``, e.g. ``/work/peers/bin/python``) as a child of
+Run by the peer interpreter (``--peer_python``, e.g. ``PEER_VENV/bin/python``) as a child of
 the seqvis benchmark; it never imports jax or seqvis, and seqvis never imports torch. It reads
 one JSON request per line on stdin and answers one JSON line on stdout:
 

@@ -1,6 +1,6 @@
 """A/B of the recurrent layer's input-product split, paired with torch.nn in one run.
 
-    python -m experiments.compare_rnn_split --peer_python=/work/peers/bin/python [--cells lstm,gru]
+    python -m experiments.compare_rnn_split --peer_python=PEER_VENV/bin/python [--cells lstm,gru]
         [--variants loop,split,split_unroll2] [--repeats 3]
 
 Variants of seqvis ``Recurrent`` on the ``lstm_train`` / ``gru_train`` shapes of

@@ -1,6 +1,6 @@
 """A ViT scaling study that runs end to end on a 2-core CPU in under an hour (Fashion-MNIST).
 
-    flock /tmp/seqvis-heavy.lock python -m experiments.sweep --config=configs/vit.py \
+    flock /tmp/seqvis_cpu.lock python -m experiments.sweep --config=configs/vit.py \
         --sweep=configs/sweeps/scaling_cpu_mini.py --workdir=DIR
     python -m experiments.scaling_curves --results=DIR/results.csv --out=DIR/report
 
