@@ -14,6 +14,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if ! .venv/bin/python -c "import seqvis, jax, flax, optax, orbax.checkpoint, tensorflow_datasets, ml_collections, pytest, xdist, pytest_timeout, safetensors" 2>/dev/null; then
   echo "[setup] installing seqvis and its dependencies into .venv (a few minutes the first time)"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test,plots]'
+  .venv/bin/python -m pip install -qq --upgrade pip
+  .venv/bin/python -m pip install -qq -e '.[test,plots]'
 fi
