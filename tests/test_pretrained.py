@@ -189,6 +189,111 @@ def test_big_vision_layout_gap_and_token(tmp_path):
             _assert_same(params, src)  # incl. the zero class-token posemb: big_vision's computation
 
 
+# big_vision's ViT with pool_type='map' (big_vision/models/vit.py: _Model, Encoder1DBlock, MAPHead),
+# written by hand: names and shapes as its checkpoints store them, under the params/ prefix.
+BV_D, BV_H, BV_M, BV_P, BV_DEPTH, BV_K = 32, 2, 128, 8, 2, 5
+
+
+def _bv_attention(prefix, d, h):
+    hd = d // h
+    return {prefix + "query/kernel": (d, h, hd), prefix + "query/bias": (h, hd),
+            prefix + "key/kernel": (d, h, hd), prefix + "key/bias": (h, hd),
+            prefix + "value/kernel": (d, h, hd), prefix + "value/bias": (h, hd),
+            prefix + "out/kernel": (h, hd, d), prefix + "out/bias": (d,)}
+
+
+def _bv_mlp(prefix, d, m):
+    return {prefix + "Dense_0/kernel": (d, m), prefix + "Dense_0/bias": (m,),
+            prefix + "Dense_1/kernel": (m, d), prefix + "Dense_1/bias": (d,)}
+
+
+def big_vision_map_shapes(grid):
+    d, m = BV_D, BV_M
+    shapes = {"params/embedding/kernel": (BV_P, BV_P, 3, d), "params/embedding/bias": (d,),
+              "params/pos_embedding": (1, grid * grid, d),
+              "params/Transformer/encoder_norm/scale": (d,), "params/Transformer/encoder_norm/bias": (d,),
+              "params/MAPHead_0/probe": (1, 1, d),
+              "params/MAPHead_0/LayerNorm_0/scale": (d,), "params/MAPHead_0/LayerNorm_0/bias": (d,),
+              **_bv_attention("params/MAPHead_0/MultiHeadDotProductAttention_0/", d, BV_H),
+              **_bv_mlp("params/MAPHead_0/MlpBlock_0/", d, m),
+              "params/head/kernel": (d, BV_K), "params/head/bias": (BV_K,)}
+    for i in range(BV_DEPTH):
+        b = f"params/Transformer/encoderblock_{i}/"
+        shapes.update({b + "LayerNorm_0/scale": (d,), b + "LayerNorm_0/bias": (d,),
+                       b + "LayerNorm_1/scale": (d,), b + "LayerNorm_1/bias": (d,),
+                       **_bv_attention(b + "MultiHeadDotProductAttention_0/", d, BV_H), **_bv_mlp(b + "MlpBlock_0/", d, m)})
+    return shapes
+
+
+def big_vision_map_forward(w, images):
+    """big_vision's ViT (pool_type='map', learned posemb added before the blocks) in float64 numpy."""
+    w = {k[len("params/"):]: np.asarray(v, np.float64) for k, v in w.items()}
+    x = np.asarray(images, np.float64)
+    b, hh, ww, c = x.shape
+    gh, gw = hh // BV_P, ww // BV_P
+    patches = x.reshape(b, gh, BV_P, gw, BV_P, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, -1)
+    t = patches @ w["embedding/kernel"].reshape(-1, BV_D) + w["embedding/bias"] + w["pos_embedding"]
+
+    def ln(z, name):
+        mu, var = z.mean(-1, keepdims=True), z.var(-1, keepdims=True)
+        return (z - mu) / np.sqrt(var + 1e-6) * w[name + "/scale"] + w[name + "/bias"]
+
+    def attend(q_in, kv_in, name):
+        proj = lambda z, n: np.einsum("bld,dhk->blhk", z, w[f"{name}/{n}/kernel"]) + w[f"{name}/{n}/bias"]  # noqa
+        q, k, v = proj(q_in, "query"), proj(kv_in, "key"), proj(kv_in, "value")
+        logits = np.einsum("bqhk,blhk->bhql", q, k) / np.sqrt(q.shape[-1])
+        a = np.exp(logits - logits.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        return np.einsum("bhql,blhk,hkd->bqd", a, v, w[f"{name}/out/kernel"]) + w[f"{name}/out/bias"]
+
+    def mlp(z, name):
+        return gelu_tanh(z @ w[name + "/Dense_0/kernel"] + w[name + "/Dense_0/bias"]) @ w[name + "/Dense_1/kernel"] \
+            + w[name + "/Dense_1/bias"]
+
+    for i in range(BV_DEPTH):
+        blk = f"Transformer/encoderblock_{i}"
+        y = ln(t, blk + "/LayerNorm_0")
+        t = t + attend(y, y, blk + "/MultiHeadDotProductAttention_0")
+        t = t + mlp(ln(t, blk + "/LayerNorm_1"), blk + "/MlpBlock_0")
+    t = ln(t, "Transformer/encoder_norm")
+    probe = np.broadcast_to(w["MAPHead_0/probe"], (b, 1, BV_D))
+    p = attend(probe, t, "MAPHead_0/MultiHeadDotProductAttention_0")
+    p = p + mlp(ln(p, "MAPHead_0/LayerNorm_0"), "MAPHead_0/MlpBlock_0")
+    return p[:, 0] @ w["head/kernel"] + w["head/bias"]
+
+
+def test_big_vision_map_head_checkpoint_loads_and_computes_the_same(tmp_path):
+    rng = np.random.default_rng(5)
+    npz = {k: (0.3 * rng.normal(size=s)).astype(np.float32) for k, s in big_vision_map_shapes(grid=2).items()}
+    for k in npz:
+        if k.endswith("/scale"):
+            npz[k] += 1.0
+    path = str(tmp_path / "bv_map.npz")
+    np.savez(path, **npz)
+    model, template, x = _tiny(seed=0, pool="map", num_classes=BV_K, head_zero_init=False)
+    params, report = pretrained.load_pretrained(path, template, return_report=True)
+    assert report.fresh == [] and report.unused == [] and report.reset == [], report.summary()
+    np.testing.assert_array_equal(params["MAPHead_0"]["probe"], npz["params/MAPHead_0/probe"])
+    ref = big_vision_map_forward(npz, x)
+    # float32 vs float64 of the same function (logits O(10))
+    np.testing.assert_allclose(_logits(model, params, x), ref, rtol=1e-5, atol=1e-4)
+
+    # The early big_vision MAP layout (its fix_old_checkpoints): the head's modules at the top level.
+    inlined = {k.replace("params/MAPHead_0/", "params/"): v for k, v in npz.items()}
+    assert "params/probe" in inlined and "params/MlpBlock_0/Dense_0/kernel" in inlined
+    np.savez(str(tmp_path / "bv_map_old.npz"), **inlined)
+    params_old = pretrained.load_pretrained(str(tmp_path / "bv_map_old.npz"), template)
+    _assert_same(params_old, params)
+
+    # A class-token model cannot take it; the message says which pool would.
+    _, token_template, _ = _tiny(seed=0, pool="token", num_classes=BV_K)
+    with pytest.raises(ValueError, match="config.model.pool='map'"):
+        pretrained.load_pretrained(path, token_template)
+    # timm has no MAP-head mapping here: the export refuses instead of dropping the head.
+    with pytest.raises(ValueError, match="MAP head"):
+        timm_io.seqvis_to_timm(params)
+
+
 def test_posemb_resampled_like_official_zoom(tmp_path):
     ndimage = pytest.importorskip("scipy.ndimage")
     _, src, _ = _tiny(seed=1, image=24)  # 3x3 grid

@@ -1,4 +1,4 @@
-"""ViT: patch embedding, exact parameter counts of every variant, posemb resampling, errors."""
+"""ViT: patch embedding, exact parameter counts of every variant, the MAP head, posemb resampling, errors."""
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +79,7 @@ def test_patch_embedding_is_flatten_then_linear():
 @pytest.mark.parametrize("kw", [
     {}, {"pool": "gap"}, {"posemb": "sincos2d"}, {"representation_size": 16},
     {"scan_layers": True}, {"scan_layers": True, "remat": True}, {"use_fused_attention": True},
-    {"patch_size": (7, 4)},
+    {"patch_size": (7, 4)}, {"pool": "map"}, {"pool": "map", "scan_layers": True},
 ])
 def test_forward_shapes(kw):
     model = vit.build("mu/4", num_classes=10, depth=2, **kw)
@@ -88,7 +88,7 @@ def test_forward_shapes(kw):
     logits, tokens = model.apply(params, x, return_features=True)
     assert logits.shape == (3, 10)
     ph, pw = pair(model.patch_size)
-    n = (28 // ph) * (28 // pw) + (0 if model.pool == "gap" else 1)
+    n = (28 // ph) * (28 // pw) + (1 if model.pool == "token" else 0)
     assert tokens.shape == (3, n, 32)
     assert np.all(np.isfinite(logits))
 
@@ -195,3 +195,101 @@ def test_tiny_hybrid_forward():
     assert out.shape == (2, 3) and np.all(np.isfinite(out))
     with pytest.raises(ValueError, match="hybrid trunk stride 16"):
         model.init(jax.random.PRNGKey(0), jnp.ones((1, 40, 40, 3)))
+
+
+# ---------------------------------------------------------------------------- MAP head
+
+
+def map_head_params(d: int, m: int) -> int:
+    """Parameters of a MAP head from its definition: probe, q/k/v/out projections with biases,
+    the LayerNorm and the D -> M -> D MLP."""
+    return d + 4 * (d * d + d) + 2 * d + (d * m + m) + (m * d + d)
+
+
+@pytest.mark.parametrize("name", ["mu/8", "S/16", "g/14", "G/14"])
+def test_map_head_parameter_count(name):
+    v = vit.VARIANTS[name.split("/")[0]]
+    patch = int(name.split("/")[1])
+    body = analytic_params(v, patch, classes=0) - v.width - v.width  # no class token, no class-token posemb
+    got = count_params(vit.build(name, num_classes=None, pool="map"), (1, 224, 224, 3))
+    assert got == body + map_head_params(v.width, v.mlp_dim)
+    if name in ("g/14", "G/14"):
+        # Scaling ViT (Zhai et al. 2022), Table 2: g/14 1011M, G/14 1843M parameters without the head.
+        encoder = got - map_head_params(v.width, v.mlp_dim)
+        assert round(encoder / 1e6) == {"g/14": 1011, "G/14": 1843}[name]
+
+
+def _gelu(z):  # tanh approximation, flax's nn.gelu default (and big_vision's)
+    return 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
+
+
+def _ln(z, p, eps=1e-6):
+    mu, var = z.mean(-1, keepdims=True), z.var(-1, keepdims=True)
+    return (z - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def numpy_map_head(p, x):
+    """The MAP head's forward in float64 numpy from its parameters: ``x [B, L, D] -> [B, D]``."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+    x = np.asarray(x, np.float64)
+    att = p["MultiHeadDotProductAttention_0"]
+    q = np.einsum("d,dhk->hk", p["probe"][0, 0], att["query"]["kernel"]) + att["query"]["bias"]  # [h, k]
+    k = np.einsum("bld,dhk->blhk", x, att["key"]["kernel"]) + att["key"]["bias"]
+    v = np.einsum("bld,dhk->blhk", x, att["value"]["kernel"]) + att["value"]["bias"]
+    logits = np.einsum("hk,blhk->bhl", q, k) / np.sqrt(q.shape[-1])
+    a = np.exp(logits - logits.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    o = np.einsum("bhl,blhk->bhk", a, v)
+    pooled = np.einsum("bhk,hkd->bd", o, att["out"]["kernel"]) + att["out"]["bias"]
+    mlp = p["MlpBlock_0"]
+    h = _gelu(_ln(pooled, p["LayerNorm_0"]) @ mlp["Dense_0"]["kernel"] + mlp["Dense_0"]["bias"])
+    return pooled + h @ mlp["Dense_1"]["kernel"] + mlp["Dense_1"]["bias"]
+
+
+def test_map_head_output_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 16, 16, 3)).astype(np.float32)
+    model = vit.build("mu/8", num_classes=5, depth=2, pool="map", head_zero_init=False)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)["params"]
+    params = jax.tree.map(lambda s: (0.3 * rng.normal(size=s.shape)).astype(np.float32), shapes)
+    assert "cls" not in params and set(params["MAPHead_0"]) == {
+        "probe", "MultiHeadDotProductAttention_0", "LayerNorm_0", "MlpBlock_0"}
+    logits, tokens = model.apply({"params": params}, x, return_features=True)
+    assert tokens.shape == (3, 4, 32)  # 2x2 patches, no class token
+    pooled = numpy_map_head(params["MAPHead_0"], tokens)
+    ref = pooled @ np.asarray(params["head"]["kernel"], np.float64) + np.asarray(params["head"]["bias"])
+    # float32 model vs float64 reference of the same function: a few float32 ulps of values O(10)
+    np.testing.assert_allclose(np.asarray(logits), ref, rtol=1e-5, atol=1e-4)
+    # the probe attends: changing one token's features changes the pooled output
+    x2 = x.copy()
+    x2[:, :8, :8] += 1.0
+    assert not np.allclose(model.apply({"params": params}, x2), logits)
+
+
+def test_map_head_sows_its_attention_apart_from_the_encoder():
+    model = vit.build("mu/8", num_classes=5, depth=2, pool="map")
+    x = jnp.ones((2, 16, 16, 3))
+    v = model.init(jax.random.PRNGKey(0), x)
+    _, st = model.apply(v, x, mutable=["intermediates"])
+    (w,) = st["intermediates"]["MAPHead_0"]["MultiHeadDotProductAttention_0"]["attention_weights"]
+    assert w.shape == (2, 2, 1, 4)  # [batch, heads, one probe query, 4 tokens]
+    np.testing.assert_allclose(np.asarray(w).sum(-1), 1.0, rtol=1e-6)
+
+
+def test_map_head_flops_counted():
+    """The analytic FLOP count's MAP term equals what XLA counts for the head (map minus gap models)."""
+    from seqvis.evaluation import flops
+
+    x = jnp.ones((2, 64, 64, 3))
+    counts = {}
+    for pool in ("gap", "map"):
+        model = vit.build("S/16", num_classes=10, depth=1, pool=pool)
+        variables = jax.eval_shape(lambda x, m=model: m.init(jax.random.PRNGKey(0), x), x)
+        xla = flops.forward_flops_per_example(model, variables, (x,))
+        counts[pool] = (xla, flops.vit_forward_flops(model, (64, 64, 3)))
+    xla_map = counts["map"][0] - counts["gap"][0]
+    analytic_map = counts["map"][1] - counts["gap"][1]
+    # 16 tokens, D=384, M=1536: 2D² + 4ND² + 4ND + 2D² + 4DM = 13.2 MFLOPs; XLA also counts softmax/LN/GELU
+    # elementwise work, a few percent here.
+    assert analytic_map == 2 * 384**2 + 4 * 16 * 384**2 + 4 * 16 * 384 + 2 * 384**2 + 4 * 384 * 1536
+    assert xla_map == pytest.approx(analytic_map, rel=0.05)

@@ -128,6 +128,8 @@ def vit_flops_breakdown(*, image_shape: Sequence[int], patch_size: int | Sequenc
       per block   2·T·D·3D (q, k, v) + 2·T·T·D (q kᵀ) + 2·T·T·D (A v) + 2·T·D·D (out)
                   + 2·T·D·M · 2 (MLP)
       head        2·D·R (pre-logits) + 2·(R or D)·K
+                  + for pool='map' (one probe query over the N tokens): 2·D·D (q) + 2·N·D·2D (k, v)
+                    + 2·N·D · 2 (q kᵀ, A v) + 2·D·D (out) + 2·D·M · 2 (its MLP)
     """
     h, w, c = (int(x) for x in image_shape)
     ph, pw = pair(patch_size)
@@ -139,6 +141,8 @@ def vit_flops_breakdown(*, image_shape: Sequence[int], patch_size: int | Sequenc
     block = 2 * t * d * 3 * d + 2 * t * t * d * 2 + 2 * t * d * d + 2 * t * d * m * 2
     head_in = d
     head = 0.0
+    if pool == "map":
+        head += 2 * d * d + 2 * n * d * 2 * d + 2 * n * d * 2 + 2 * d * d + 2 * d * m * 2
     if representation_size:
         head += 2 * d * representation_size
         head_in = representation_size

@@ -9,15 +9,19 @@ embeddings are added, and a transformer encoder mixes the tokens::
     z_L = Encoder(z_0)                                  L pre-LN blocks
     y   = head(LN(z_L)[:, 0])                           [batch, num_classes]
 
-With ``pool='gap'`` there is no class token and ``y = head(mean_i z_L[:, i])``. Position
-embeddings are learned (default) or the fixed 2-D sin-cos table. An optional pre-logits
+With ``pool='gap'`` there is no class token and ``y = head(mean_i z_L[:, i])``; with
+``pool='map'`` (multihead attention pooling, Zhai et al. 2022) there is no class token either and
+a learned probe attends over the encoder output (:class:`MAPHead`). Position embeddings are
+learned (default) or the fixed 2-D sin-cos table. An optional pre-logits
 layer ``tanh(W y + b)`` sits before the head (used for ImageNet-21k pre-training).
 A hybrid (``R50+B/16``) replaces the patch pixels by a ResNet feature map and uses 1×1 patches.
 
 Named variants are a table (ViT paper Table 1, Scaling ViT Table 2); ``build("B/16")``
 gives ViT-B with 16×16 patches. Parameter names follow the published checkpoints
 (``embedding``, ``cls``, ``Transformer/posembed_input/pos_embedding``,
-``Transformer/encoderblock_i``, ``Transformer/encoder_norm``, ``pre_logits``, ``head``).
+``Transformer/encoderblock_i``, ``Transformer/encoder_norm``, ``pre_logits``, ``head``); the MAP
+head follows big_vision's (``MAPHead_0/probe``, ``MAPHead_0/MultiHeadDotProductAttention_0``,
+``MAPHead_0/LayerNorm_0``, ``MAPHead_0/MlpBlock_0``).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ import numpy as np
 
 from seqvis.models.common import pair
 from seqvis.models.resnet import ResNetEncoder  # the trunk of the hybrids
-from seqvis.models.transformer import Encoder
+from seqvis.models.attention import MultiHeadAttention
+from seqvis.models.transformer import Encoder, MlpBlock
 
 Array = jax.Array
 Dtype = Any
@@ -70,7 +75,7 @@ HYBRID_TRUNKS: dict[str, dict[int, tuple[int, ...]]] = {
     "R50": {16: (3, 4, 9), 32: (3, 4, 6, 3)},
 }
 
-POOLS = ("token", "gap")
+POOLS = ("token", "gap", "map")
 POSEMBS = ("learned", "sincos2d")
 
 
@@ -91,6 +96,43 @@ def sincos_2d_posemb(h: int, w: int, width: int, temperature: float = 10_000.0) 
     return pe[None].astype(np.float32)
 
 
+class MAPHead(nn.Module):
+    """Multihead attention pooling: ``tokens [batch, L, D] -> [batch, D]``.
+
+    A learned probe ``q [1, 1, D]`` (shared by all examples) attends over the tokens with
+    ``num_heads`` heads, then a pre-LN MLP block adds its residual::
+
+        p = MHA(q, x)               [batch, 1, D]   (queries from q, keys/values from x)
+        y = p + MLP(LN(p))          MLP: D -> mlp_dim -> D, GELU
+        return y[:, 0]
+
+    Parameters follow big_vision's ``MAPHead`` (so its checkpoints load): ``probe [1, 1, D]``,
+    ``MultiHeadDotProductAttention_0/{query,key,value}/kernel [D, heads, D/heads]`` (+ ``bias
+    [heads, D/heads]``), ``.../out/kernel [heads, D/heads, D]`` (+ ``bias [D]``),
+    ``LayerNorm_0/{scale,bias} [D]``, ``MlpBlock_0/Dense_0 [D, mlp_dim]``, ``MlpBlock_0/Dense_1
+    [mlp_dim, D]``. The attention module is seqvis' :class:`MultiHeadAttention`, whose layout is
+    that of ``flax.linen.MultiHeadDotProductAttention``; its weights ``[batch, heads, 1, L]`` are
+    sown like the encoder's.
+    """
+
+    mlp_dim: int
+    num_heads: int
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, _, d = x.shape
+        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype)
+        q = jnp.broadcast_to(probe, (b, 1, d)).astype(x.dtype)
+        p = MultiHeadAttention(num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+                               name="MultiHeadDotProductAttention_0")(q, x)
+        y = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="LayerNorm_0")(p)
+        p = p + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name="MlpBlock_0")(y)
+        return p[:, 0]
+
+
 class ViT(nn.Module):
     """Vision Transformer: ``images [batch, H, W, C] -> logits [batch, num_classes]``.
 
@@ -98,7 +140,8 @@ class ViT(nn.Module):
       num_classes: head size; None returns the pooled representation ``[batch, D]``.
       patch_size: p or (ph, pw); H and W must be divisible by it.
       width, depth, mlp_dim, num_heads: D, number of blocks, MLP hidden size (default 4D), heads.
-      pool: 'token' (class token) or 'gap' (global average pooling of the patch tokens).
+      pool: 'token' (class token), 'gap' (global average pooling of the patch tokens) or 'map'
+        (multihead attention pooling, :class:`MAPHead`, with ``num_heads`` heads and ``mlp_dim``).
       posemb: 'learned' or 'sincos2d'.
       representation_size: width of the optional pre-logits layer (None = no pre-logits).
       dropout_rate, attention_dropout_rate, stochastic_depth: regularisation.
@@ -215,7 +258,13 @@ class ViT(nn.Module):
         )(x, deterministic=not train)
         tokens = x
 
-        y = x[:, 0] if self.pool == "token" else jnp.mean(x, axis=1)
+        if self.pool == "token":
+            y = x[:, 0]
+        elif self.pool == "map":
+            y = MAPHead(mlp_dim=self.mlp_dim or 4 * self.width, num_heads=self.num_heads, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="MAPHead_0")(x)
+        else:
+            y = jnp.mean(x, axis=1)
         if self.representation_size is not None:
             y = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
                                  param_dtype=self.param_dtype, name="pre_logits")(y))

@@ -8,7 +8,9 @@ Sources (by file name):
   names follow; R50/R26 hybrids keep their ResNet at the top level: ``conv_root``,
   ``gn_root``, ``block1/unit1/conv1`` ...) or big_vision (``params/`` prefix, linen names
   ``LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0``, a top-level
-  ``pos_embedding`` without a class-token entry, optionally a scanned ``encoderblock``);
+  ``pos_embedding`` without a class-token entry, optionally a scanned ``encoderblock``, and
+  for ``pool_type='map'`` models a ``MAPHead_0`` that loads into ``pool='map'``; the early
+  layout with the MAP head's modules at the top level is regrouped under ``MAPHead_0``);
 - a timm ViT state dict: ``.safetensors`` (numpy only) or ``.pth``/``.bin`` (needs torch);
   see :mod:`seqvis.train.timm_io`.
 
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 _GN = ("gn_root", "gn_proj", "gn1", "gn2", "gn3")
 _RESNET_TOP = ("conv_root", "gn_root")
 _PREFIXES = ("params/img/", "params/", "opt/target/")
+_MAP_INLINED = ("probe", "MlpBlock_0", "MultiHeadDotProductAttention_0", "LayerNorm_0")
 _LINEN_BLOCK = {"LayerNorm_0": "LayerNorm_0", "MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
                 "LayerNorm_1": "LayerNorm_2", "MlpBlock_0": "MlpBlock_3"}
 
@@ -157,6 +160,8 @@ def normalize_layout(tree: dict) -> dict:
             flat = {k[len(p):]: v for k, v in flat.items() if k.startswith(p)}
             break
     tree = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+    if "probe" in tree and "MAPHead_0" not in tree:  # big_vision's early MAP layout: head modules at the top
+        tree["MAPHead_0"] = {k: tree.pop(k) for k in _MAP_INLINED if k in tree}
     # R+ViT hybrids: the ResNet trunk sits at the top level in the official checkpoints.
     if "embedding" in tree and any(k in tree for k in _RESNET_TOP) and "ResNet" not in tree:
         trunk = {k: tree.pop(k) for k in list(tree) if k in _RESNET_TOP or
@@ -290,8 +295,11 @@ def merge_pretrained(template: Any, loaded: dict, *, allow_partial: bool = False
                          f"wrong file or model? {report.summary()}")
     if report.fresh and not allow_partial:
         hint = ""
-        if any(k.startswith(("MAPHead", "attn_pool")) for k in report.unused):
-            hint = " The checkpoint uses a MAP (attention-pooling) head, which seqvis' ViT does not have."
+        if any(k.startswith("MAPHead") for k in report.unused):
+            hint = (" The checkpoint has a MAP (attention-pooling) head: set config.model.pool='map' (no class "
+                    "token) to load it.")
+        elif any(k.startswith("attn_pool") for k in report.unused):
+            hint = " The timm model uses an attention-pooling head (attn_pool), which seqvis' timm reader does not map."
         elif any(k.startswith(("fc_norm", "reg_token")) or ".ls1." in k for k in report.unused):
             hint = " The timm model uses fc_norm / register tokens / layer scale, which seqvis' ViT does not have."
         raise ValueError(

@@ -222,6 +222,10 @@ def seqvis_to_timm(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
         raise ValueError("timm export covers plain ViTs; a hybrid's ResNet trunk (timm's ResNetV2 backbone "
                          "naming) is not mapped. Export it to the official .npz layout instead "
                          "(seqvis.train.pretrained.to_official_layout).")
+    if "MAPHead_0" in params:
+        raise ValueError("timm export covers class-token and GAP ViTs; a MAP head (pool='map') is not mapped to "
+                         "timm's attn_pool. Export it to the .npz layout instead "
+                         "(seqvis.train.pretrained.to_official_layout keeps big_vision's MAPHead_0 names).")
     enc = dict(params["Transformer"])
     if "encoderblock" in enc:
         enc = tr.unstack_layer_params(enc)
