@@ -197,3 +197,40 @@ def test_sweep_branch_errors(idx_dir, tmp_path):  # noqa: F811
     with pytest.raises(SweepError, match="'cooldown_of' must be the long run's total_steps"):
         _sweep(idx_dir, tmp_path, str(tmp_path / "c"), [{"total_steps": 6, "cooldown_of": "10"}])
     assert not os.path.exists(tmp_path / "a" / "points") and not os.path.exists(tmp_path / "b" / "points")
+
+
+def test_cooldown_cpu_mini_links_each_budget_to_its_long_run():
+    s = sweep_lib.Sweep("configs/vit.py", "configs/sweeps/cooldown_cpu_mini.py", "/nonexistent")
+    s.preflight()  # links the branches (and checks their learning rates against the long runs')
+    assert len(s.points) == 9 and len(s.trunk_of) == 6
+    for p in s.points:
+        if p.id in s.trunk_of:
+            trunk = next(t for t in s.points if t.id == s.trunk_of[p.id])
+            assert trunk.config.total_steps == 1920 and trunk.info["model"] == p.info["model"]
+            assert p.config.branch_from.step == {120: 96, 480: 384}[p.config.total_steps]
+        else:
+            assert p.config.total_steps == 1920 and tuple(p.config.checkpoint_steps) == (96, 384)
+    scratch = sweep_lib.Sweep("configs/vit.py", "configs/sweeps/cooldown_cpu_mini.py:scratch", "/nonexistent")
+    scratch.preflight()
+    assert len(scratch.points) == 9 and not scratch.trunk_of
+    # the same nine configurations: a branch point is a scratch point with its long run named
+    same = lambda ov: json.dumps({k: v for k, v in ov.items() if k != "cooldown_of"}, sort_keys=True)  # noqa: E731
+    assert sorted(same(p.overrides) for p in s.points) == sorted(same(p.overrides) for p in scratch.points)
+
+
+def test_cooldown_saving_arithmetic():
+    from experiments.cooldown_saving import compare
+
+    def row(steps, wall, branch_step=None, acc=0.5):
+        return {"model": "m", "params": 10, "steps": steps, "wall_seconds": wall, "accuracy": acc, "loss": 1.0,
+                "branch_from_step": branch_step}
+
+    scratch = [row(120, 10), row(480, 20), row(1920, 70)]
+    branches = [row(1920, 72), row(120, 4, 96), row(480, 9, 384)]
+    (line,), summary = compare({"scratch": scratch, "branches": branches})
+    assert line["steps_trained_scratch"] == 2520 and line["steps_trained_branches"] == 1920 + 24 + 96
+    assert line["wall_seconds_scratch"] == 100 and line["wall_seconds_branches"] == 85
+    assert line["saving"] == pytest.approx(0.15) and line["same_results"]
+    assert summary["saving_predicted_from_steps"] == pytest.approx(round(1 - 2040 / 2520, 3))
+    branches[1]["accuracy"] = 0.6
+    assert compare({"scratch": scratch, "branches": branches})[1]["same_results"] is False
