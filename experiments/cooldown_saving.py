@@ -14,6 +14,11 @@ Prints JSON lines: one per model (budgets; steps trained; summed per-point wall 
 each point's compilation and final evaluation; the saving 1 - branches/scratch; whether every budget's
 accuracy and loss are the same in both, as they must be), then a summary line with the totals, the
 saving predicted from the steps alone, and each sweep process's wall time in this call.
+
+The longest budget is the same run in both sweeps, so the ratio of its two wall times shows how much the
+machine's load moved between them (``long_run_wall_ratio``, 1.0 on a quiet machine);
+``saving_same_long_runs`` counts the scratch sweep's long runs in both totals, so it is the saving of the
+branches alone, free of that drift. ``--first`` picks which sweep runs first.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ def compare(by_variant: dict[str, list[dict]]) -> tuple[list[dict], dict]:
             models[r["model"]][variant][int(r["steps"])] = r
     lines = []
     total = {v: {"wall_seconds": 0.0, "steps_trained": 0} for v in VARIANTS}
+    long_scratch = 0.0
     for model, per in models.items():
         budgets = sorted(per["scratch"])
         if sorted(per["branches"]) != budgets:
@@ -74,9 +80,15 @@ def compare(by_variant: dict[str, list[dict]]) -> tuple[list[dict], dict]:
             total[v]["wall_seconds"] += wall
             total[v]["steps_trained"] += trained
         line["saving"] = round(1 - line["wall_seconds_branches"] / line["wall_seconds_scratch"], 3)
+        longest = budgets[-1]
+        line["long_run_wall_ratio"] = round(float(per["branches"][longest]["wall_seconds"])
+                                            / float(per["scratch"][longest]["wall_seconds"]), 3)
+        line["wall_seconds_short_budgets"] = {v: round(sum(float(r["wall_seconds"]) for b, r in per[v].items()
+                                                           if b != longest), 1) for v in VARIANTS}
         line["accuracy"] = {b: per["scratch"][b]["accuracy"] for b in budgets}
         line["same_results"] = all(per["scratch"][b]["accuracy"] == per["branches"][b]["accuracy"]
                                    and per["scratch"][b]["loss"] == per["branches"][b]["loss"] for b in budgets)
+        long_scratch += float(per["scratch"][longest]["wall_seconds"])
         lines.append(line)
     summary = {
         "models": len(lines),
@@ -86,6 +98,10 @@ def compare(by_variant: dict[str, list[dict]]) -> tuple[list[dict], dict]:
         "saving": round(1 - total["branches"]["wall_seconds"] / max(total["scratch"]["wall_seconds"], 1e-9), 3),
         "saving_predicted_from_steps": round(
             1 - total["branches"]["steps_trained"] / max(total["scratch"]["steps_trained"], 1), 3),
+        "saving_same_long_runs": round(1 - (long_scratch + sum(line["wall_seconds_short_budgets"]["branches"]
+                                                                 for line in lines))
+                                       / max(total["scratch"]["wall_seconds"], 1e-9), 3),
+        "long_run_wall_ratio": round(sum(line["long_run_wall_ratio"] for line in lines) / max(len(lines), 1), 3),
         "same_results": all(line["same_results"] for line in lines),
     }
     return lines, summary
@@ -96,8 +112,10 @@ def main(argv=None) -> None:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--sweep", default="configs/sweeps/cooldown_cpu_mini.py")
     ap.add_argument("--config", default="configs/vit.py")
+    ap.add_argument("--first", choices=VARIANTS, default="scratch", help="the sweep that runs first")
     args, extra = ap.parse_known_args(argv)
-    process_seconds = {v: round(run_sweep(v, args, extra), 1) for v in VARIANTS}
+    order = VARIANTS if args.first == VARIANTS[0] else VARIANTS[::-1]
+    process_seconds = {v: round(run_sweep(v, args, extra), 1) for v in order}
     lines, summary = compare({v: ok_rows(os.path.join(args.workdir, v)) for v in VARIANTS})
     for line in lines:
         print(json.dumps(line))

@@ -232,5 +232,7 @@ def test_cooldown_saving_arithmetic():
     assert line["wall_seconds_scratch"] == 100 and line["wall_seconds_branches"] == 85
     assert line["saving"] == pytest.approx(0.15) and line["same_results"]
     assert summary["saving_predicted_from_steps"] == pytest.approx(round(1 - 2040 / 2520, 3))
+    assert line["long_run_wall_ratio"] == pytest.approx(72 / 70, abs=1e-3)
+    assert summary["saving_same_long_runs"] == pytest.approx(round(1 - (70 + 13) / 100, 3))
     branches[1]["accuracy"] = 0.6
     assert compare({"scratch": scratch, "branches": branches})[1]["same_results"] is False
