@@ -10,6 +10,11 @@ config overrides ``{"model.depth": 4, "num_epochs": 2.0}``; ``h`` has the helper
 ``h.sweep(key, values)``, ``h.fixed(key, value)``, ``h.product(*axes)``, ``h.zip(*axes)``
 and ``h.chain(*axes)``. The reserved key ``"config"`` replaces the base config of that
 point (``"configs/resnet.py:18,fashion_mnist"``), so one sweep can mix model families.
+``h.cooldowns(steps, fraction=0.2)`` makes training budgets that branch a linear cooldown off
+one long run (reserved key ``"cooldown_of"``): the long run is trained first and keeps the
+branch steps; each shorter budget starts from its step B - cooldown and trains only the
+cooldown (``config.branch_from``, seqvis/train/branch.py). Its row is a budget point like any
+other, with ``branch_from_point`` and ``branch_from_step`` added.
 
 Each point trains in ``DIR/points/<label>-<hash>/`` (the hash is a function of the point's
 overrides only, so reordering or extending the sweep file keeps finished points finished).

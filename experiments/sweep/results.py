@@ -134,6 +134,9 @@ def make_row(point: Point, results: dict | None, *, status: str, message: str = 
     for k, v in point.overrides.items():
         if k != "config":
             row[f"ov.{k}"] = v
+    branch = point.config.get("branch_from", None) or {}
+    if branch.get("workdir"):  # a cooldown branch: the long run's point directory and the step it starts from
+        row.update(branch_from_point=os.path.basename(branch.workdir), branch_from_step=int(branch.step))
     if results:
         g = results.get("gflops_per_example")
         ex = results.get("examples_seen")

@@ -21,7 +21,7 @@ import jax
 
 from experiments.sweep.points import Point, expand, total_steps
 from experiments.sweep.results import FIXED_COLUMNS, ResultsWriter, make_row, override_columns, read_rows
-from experiments.sweep.spec import REPO, SweepError, check_points, load_config, load_sweep
+from experiments.sweep.spec import REPO, SweepError, check_points, load_config, load_sweep, point_id
 from seqvis.data import pipeline as data_lib
 from seqvis.train import checkpoint as ckpt_lib
 from seqvis.train import optim
@@ -45,6 +45,7 @@ class Sweep:
         raw = points if points is not None else load_sweep(sweep_spec)
         self.points = expand(base_spec, self.base_config, check_points(raw, f"--sweep={sweep_spec}"),
                              f"--sweep={sweep_spec}", shared=shared_overrides)
+        self.trunk_of: dict[str, str] = {}  # cooldown branch id -> id of the long run it branches off
 
     # -------------------------------------------------------------- bookkeeping
     def _check_workdir(self, write: bool = True) -> None:
@@ -113,7 +114,7 @@ class Sweep:
         writer = ResultsWriter(self.workdir, FIXED_COLUMNS + override_columns(self.points))
         done = self.status()
         written = []
-        todo = [p for p in self.points if not only or str(p.index) in only or p.id in only]
+        todo = self._trunks_first([p for p in self.points if not only or str(p.index) in only or p.id in only])
         t_sweep = time.time()
         for n, p in enumerate(todo):
             state = done.get(p.id)
@@ -124,15 +125,27 @@ class Sweep:
                 log.info("[%d/%d] %s: failed earlier, skipped (--retry_failed=true retries)", n + 1, len(todo),
                          p.dirname)
                 continue
+            trunk = self.trunk_of.get(p.id)
+            if trunk is not None and done.get(trunk) == "failed":
+                row = make_row(p, None, status="failed", workdir=self.point_dir(p),
+                               message=f"its long run (point {trunk}) failed; fix that point, then re-run the sweep.")
+                writer.append(row)
+                written.append(row)
+                done[p.id] = "failed"
+                log.error("[%d/%d] %s: skipped, its long run %s failed", n + 1, len(todo), p.dirname, trunk)
+                continue
             log.info("[%d/%d] %s: %s, %s params (%.1f min into the sweep)", n + 1, len(todo), p.dirname,
                      p.info["model"], f"{p.info['params']:,}", (time.time() - t_sweep) / 60)
             if isolate:
                 row = self._run_child(p, child_argv or [])
             else:
                 row = self.run_point(p)
-            if row is not None:
+            if row is None:  # the child process wrote its row
+                done[p.id] = self.status().get(p.id)
+            else:
                 writer.append(row)
                 written.append(row)
+                done[p.id] = row["status"]
                 if row["status"] == "ok":
                     log.info("  -> ok: accuracy %.4f, %.3g train FLOPs, %.0f s", row["accuracy"] or float("nan"),
                              row["train_flops"] or float("nan"), row["wall_seconds"])
@@ -154,7 +167,8 @@ class Sweep:
             p.info["num_train_examples"] = cache[key]
 
     def preflight(self) -> None:
-        """Build every point's schedule and optimiser, so a bad budget fails now, not at point 20."""
+        """Build every point's schedule and optimiser, so a bad budget fails now, not at point 20; link the
+        cooldown branches to their long runs (:meth:`link_branches`)."""
         for p in self.points:
             steps = total_steps(p)
             if steps is None:
@@ -163,6 +177,69 @@ class Sweep:
                 optim.make_optimizer(p.config.optimizer, optim.make_schedule(p.config.schedule, steps))
             except (ValueError, TypeError, KeyError) as e:
                 raise SweepError(f"--sweep={self.sweep_spec}: point {p.index} ({p.label}): {e}") from e
+        self.link_branches()
+
+    def link_branches(self) -> None:
+        """Points with ``cooldown_of`` (:meth:`Hyper.cooldowns`): find each one's long run among the points,
+        compute its branch step s = total_steps - cooldown, check that the two learning rates agree before s,
+        and set ``config.branch_from`` = (the long run's point directory, s) on the branch and s in the long
+        run's ``config.checkpoint_steps`` (saved and kept). Point ids stay functions of the overrides alone."""
+        by_id = {p.id: p for p in self.points}
+        keep: dict[str, set] = {}
+        for p in self.points:
+            if "cooldown_of" not in p.overrides:
+                continue
+            where = f"--sweep={self.sweep_spec}: point {p.index} ({p.label})"
+            ref = p.overrides["cooldown_of"]
+            trunk_ov = {k: v for k, v in p.overrides.items() if k != "cooldown_of"}
+            trunk_ov.update({"total_steps": ref} if isinstance(ref, int) else ref)
+            trunk = by_id.get(point_id(trunk_ov))
+            if trunk is None:
+                raise SweepError(f"{where}: 'cooldown_of': {ref!r} names the run {trunk_ov}, which is not a point of "
+                                 "the sweep; add it (h.cooldowns(...) makes the long run and its branches together).")
+            if "cooldown_of" in trunk.overrides:
+                raise SweepError(f"{where}: its long run, point {trunk.index}, is itself a cooldown branch; branch off "
+                                 "a run trained from the start.")
+            steps, trunk_steps = total_steps(p), total_steps(trunk)
+            if steps is None or trunk_steps is None:
+                raise SweepError(f"{where}: a cooldown branch and its long run need known step counts: set "
+                                 "total_steps, or prepare the dataset so num_epochs can be converted.")
+            cool = optim.cooldown_steps(p.config.schedule, steps)
+            step = steps - cool
+            if cool <= 0 or step <= 0:
+                raise SweepError(f"{where}: a cooldown branch needs a cooldown shorter than its {steps} steps "
+                                 f"(schedule.cooldown_steps / cooldown_fraction give {cool}).")
+            diff = optim.first_difference(optim.make_schedule(trunk.config.schedule, trunk_steps),
+                                          optim.make_schedule(p.config.schedule, steps), step)
+            if diff is not None:
+                raise SweepError(
+                    f"{where}: branches off point {trunk.index} at step {step}, but the two learning rates differ "
+                    f"at step {diff[0]} ({diff[1]:.6g} there, {diff[2]:.6g} here). Use a schedule that does not "
+                    "depend on the run's length before the cooldown (rsqrt, constant, or cosine/linear with "
+                    "schedule.horizon_steps), a warmup shared by all budgets, and a cooldown that starts inside "
+                    "the long run's training (not in its own cooldown).")
+            p.config.branch_from.workdir = self.point_dir(trunk)
+            p.config.branch_from.step = step
+            keep.setdefault(trunk.id, set()).add(step)
+            self.trunk_of[p.id] = trunk.id
+        for tid, steps_kept in keep.items():
+            t = by_id[tid]
+            t.config.checkpoint_steps = tuple(sorted(set(t.config.get("checkpoint_steps", ()) or ()) | steps_kept))
+
+    def _trunks_first(self, todo: list[Point]) -> list[Point]:
+        """``todo`` in sweep order, each cooldown branch moved to just after its long run."""
+        branches: dict[str, list[Point]] = {}
+        for p in todo:
+            if p.id in self.trunk_of:
+                branches.setdefault(self.trunk_of[p.id], []).append(p)
+        out, ids = [], {p.id for p in todo}
+        for p in todo:
+            if p.id not in self.trunk_of:
+                out.append(p)
+                out += branches.get(p.id, [])
+            elif self.trunk_of[p.id] not in ids:  # its long run is not in this call (--only)
+                out.append(p)
+        return out
 
     def run_point(self, p: Point) -> dict:
         """Train one point in this process (resuming from its checkpoints); exceptions become a failed row."""

@@ -2,7 +2,8 @@
 sweep files, checking and naming points, and applying a point's overrides to a config.
 
 A point is a dict of dotted config overrides ``{"model.depth": 4, "num_epochs": 2.0}``; the
-reserved key ``"config"`` replaces the base config of that point.
+reserved key ``"config"`` replaces the base config of that point, and the reserved key
+``"cooldown_of"`` makes it a cooldown branch of another point (see :meth:`Hyper.cooldowns`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,32 @@ class Hyper:
     def chain(*axes: Sequence[dict]) -> list[dict]:
         """Concatenation: the points of each argument, one after the other."""
         return [dict(p) for a in axes for p in a]
+
+    @staticmethod
+    def cooldowns(steps: Iterable[int], *, fraction: float = 0.0, cooldown_steps: int = 0) -> list[dict]:
+        """Training budgets as linear-cooldown branches of one run (Zhai et al. 2022), an axis like ``h.sweep``.
+
+        The longest budget T is one point trained in full, with its cooldown at its end; every shorter budget
+        B is a point with ``"cooldown_of": T`` that starts from the long run's checkpoint at step B - C and
+        trains only its cooldown of C steps (``cooldown_steps``, or round(``fraction`` · B)). The runner trains
+        the long run first and makes it keep those steps. Before its cooldown the schedule must not depend
+        on the run's length (rsqrt, constant, or cosine/linear with ``schedule.horizon_steps``), and the
+        warmup must be shared: set both with ``h.fixed`` (the runner checks the learning rates agree).
+
+        A point ``{..., "cooldown_of": T}`` is a branch of the point with the same overrides but
+        ``total_steps`` = T; ``"cooldown_of": {"total_steps": T, "schedule.cooldown_steps": 500}`` names every
+        override in which the long run differs.
+        """
+        steps = sorted({int(s) for s in steps})
+        if not steps or steps[0] <= 0:
+            raise SweepError(f"h.cooldowns got steps {steps}; give training budgets > 0.")
+        if bool(fraction) == bool(cooldown_steps):
+            raise SweepError("h.cooldowns: give exactly one of fraction= (of each budget) or cooldown_steps=.")
+        key, value = ("schedule.cooldown_fraction", float(fraction)) if fraction else \
+            ("schedule.cooldown_steps", int(cooldown_steps))
+        longest = steps[-1]
+        return [{"total_steps": longest, key: value}] + [
+            {"total_steps": b, key: value, "cooldown_of": longest} for b in steps[:-1]]
 
 
 def _merge(dicts: Sequence[dict], where: str) -> dict:
@@ -137,6 +164,7 @@ def load_sweep(spec: str) -> list[dict]:
 # ============================================================================ points: checks, ids, labels
 
 
+RESERVED = ("config", "cooldown_of")  # point keys that are not config overrides
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
@@ -156,6 +184,11 @@ def check_points(points: Any, where: str) -> list[dict]:
         if "config" in p and not isinstance(p["config"], str):
             raise SweepError(f"{where}: point {i}: 'config' must be a config spec string such as "
                              "'configs/resnet.py:18,fashion_mnist'.")
+        ref = p.get("cooldown_of")
+        if "cooldown_of" in p and not ((isinstance(ref, int) and not isinstance(ref, bool) and ref > 0) or (
+                isinstance(ref, dict) and ref and all(isinstance(k, str) and _KEY.match(k) for k in ref))):
+            raise SweepError(f"{where}: point {i}: 'cooldown_of' must be the long run's total_steps (an int > 0) or "
+                             f"a dict of the overrides in which it differs, got {ref!r}.")
         try:
             pid = point_id(p)
         except TypeError as e:
@@ -192,7 +225,7 @@ def point_label(overrides: dict, limit: int = 60) -> str:
 
 
 def apply_overrides(config, overrides: dict, where: str):
-    """A copy of ``config`` with dotted ``overrides`` set (``config`` key excluded).
+    """A copy of ``config`` with dotted ``overrides`` set (the :data:`RESERVED` keys excluded).
 
     The assignment is ConfigDict's own typed override on a locked copy: a key must name an
     existing field (except directly under ``model``: model keyword arguments, which the model
@@ -206,7 +239,7 @@ def apply_overrides(config, overrides: dict, where: str):
     was_locked = c.is_locked
     c.lock()
     for key, value in overrides.items():
-        if key == "config":
+        if key in RESERVED:
             continue
         parts = key.split(".")
         node = c

@@ -33,7 +33,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -65,17 +65,41 @@ def _get(cfg: dict, dotted: str):
 
 
 def _opt_structure(cfg: dict) -> dict:
-    """The parts of config.optimizer that decide the optimiser state's tree structure
-    (see seqvis.train.optim.make_optimizer): clipping on/off, and for sgd momentum and
-    weight decay on/off. Values such as the clip norm itself can change freely."""
+    """The parts of config.optimizer that decide the optimiser state's tree structure and dtypes
+    (see seqvis.train.optim.make_optimizer): clipping on/off; skip_decay on/off wherever a decay
+    transform exists (its mask adds a node); for sgd momentum and weight decay on/off; the first
+    moment's dtype where there is one; for adafactor_momentum which leaves are factored. Values such
+    as the clip norm, the decay rate or the lr/wd multipliers can change freely."""
     opt = _get(cfg, "optimizer") or {}
+    name = opt.get("name")
     out = {"optimizer.grad_clip_norm": "on" if opt.get("grad_clip_norm") else "off"}
-    if opt.get("name") == "sgd":
-        out["optimizer.momentum"] = "on" if opt.get("momentum", 0.9) else "off"
+    momentum = bool(opt.get("momentum", 0.9))
+    if name == "sgd":
+        out["optimizer.momentum"] = "on" if momentum else "off"
         out["optimizer.weight_decay"] = "on" if opt.get("weight_decay") else "off"
-    elif opt.get("name") == "adafactor":
+    elif name == "adafactor":
         out["optimizer.weight_decay"] = "on" if opt.get("weight_decay") else "off"
+    if name in ("adamw", "adafactor_momentum") or (name in ("sgd", "adafactor") and opt.get("weight_decay")):
+        out["optimizer.skip_decay"] = "on" if opt.get("skip_decay", ("bias",)) else "off"
+    if name in ("adamw", "adafactor_momentum") or (name == "sgd" and momentum):
+        out["optimizer.mu_dtype"] = opt.get("mu_dtype") or "float32"
+    if name == "adafactor_momentum":
+        out["optimizer.min_dim_size_to_factor"] = int(opt.get("min_dim_size_to_factor", 32))
     return out
+
+
+def branch_point(cfg: dict) -> dict | None:
+    """``{'workdir': absolute path, 'step': s}`` of ``config.branch_from``, or None when it is not set."""
+    b = _get(cfg, "branch_from") or {}
+    if not b.get("workdir"):
+        return None
+    return {"workdir": os.path.abspath(str(b["workdir"])), "step": int(b.get("step", 0) or 0)}
+
+
+def _saved_value(saved: dict, field: str, structure: str) -> Any:
+    """The saved value of an optimiser-structure field (a config without it: the value it implied)."""
+    value = _get(saved, field)
+    return structure if value is None and structure not in ("on", "off") else value
 
 
 def _flag(field: str, value: Any) -> str:
@@ -134,8 +158,15 @@ def resume_problems(saved: dict, current: dict, saved_meta: dict | None, process
                 structural.append(
                     f"config.{k}: saved {json.dumps(_get(saved, k))} ({k.split('.')[-1]} {sa[k]}), now "
                     f"{json.dumps(_get(current, k))} ({sb.get(k)}): this changes the structure of the optimiser state. "
-                    f"To resume: {_flag(k, _get(saved, k))}; to train with the new value, use a new --workdir "
-                    "with --config.init_from=THIS_WORKDIR (parameters kept, fresh optimiser).")
+                    f"To resume: {_flag(k, _saved_value(saved, k, sa[k]))}; to train with the new value, use a new "
+                    "--workdir with --config.init_from=THIS_WORKDIR (parameters kept, fresh optimiser).")
+    if branch_point(saved) != branch_point(current):
+        a = branch_point(saved)
+        fix = (f"--config.branch_from.workdir={a['workdir']} --config.branch_from.step={a['step']}" if a else
+               "--config.branch_from.workdir=''")
+        structural.append(f"config.branch_from: saved {json.dumps(a)}, now {json.dumps(branch_point(current))}: this workdir "
+                          f"continues the run it was started as. To resume: {fix}; for another branch point use a "
+                          "new --workdir.")
     for k in DATA_STREAM:
         a, b = _get(saved, k), _get(current, k)
         if a != b and not (a is None and k.startswith("data.") and k not in ("data.name", "data.pp_train")):
@@ -165,7 +196,8 @@ def _is_structure_mismatch(e: BaseException) -> bool:
 
 
 class Checkpointer:
-    """``keep`` >= 1 newest checkpoints are kept; ``chief`` renames and removes directories.
+    """``keep`` >= 1 newest checkpoints are kept, and the steps in ``preserve`` (``config.checkpoint_steps``)
+    are never deleted; ``chief`` renames and removes directories.
 
     ``cleanup=True`` (the trainer) removes unfinished writes left by a killed run; a
     Checkpointer opened only to list or read steps leaves them alone. ``read_only=True``
@@ -173,7 +205,8 @@ class Checkpointer:
     opened on ``directory`` (default ``workdir/checkpoints``)."""
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, chief: bool | None = None,
-                 cleanup: bool = False, read_only: bool = False, directory: str | None = None):
+                 cleanup: bool = False, read_only: bool = False, directory: str | None = None,
+                 preserve: Sequence[int] = ()):
         if int(keep) < 1:
             raise CheckpointError(f"config.keep_checkpoints={keep} must be >= 1 (0 would delete every checkpoint).")
         self.workdir = os.path.abspath(workdir)
@@ -186,7 +219,13 @@ class Checkpointer:
             for name in os.listdir(self.directory):
                 if ".orbax-checkpoint-tmp" in name:
                     shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-        options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=not self.read_only,
+        if preserve and not self.read_only:  # the `keep` newest, and the steps in `preserve` for good
+            keep_policy = dict(preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy([
+                ocp.checkpoint_managers.LatestN(int(keep)),
+                ocp.checkpoint_managers.CustomSteps(sorted(int(s) for s in preserve))]))
+        else:
+            keep_policy = dict(max_to_keep=int(keep))
+        options = ocp.CheckpointManagerOptions(**keep_policy, create=not self.read_only,
                                                enable_async_checkpointing=async_save and not self.read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta", "config"))
@@ -335,10 +374,7 @@ class Checkpointer:
         if not steps:
             return None
         errors: list[tuple[int, str]] = []
-        # ShapeDtypeStructs with a sharding (the fsdp driver's target) restore straight into
-        # those shards, whatever device count wrote them; anything else restores as numpy.
-        abstract = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
-                                else np.zeros(np.shape(x), np.asarray(x).dtype), target)
+        abstract = _abstract(target)
 
         def structure_error(step: int, e: Exception) -> CheckpointError | None:
             if not _is_structure_mismatch(e):
@@ -365,6 +401,31 @@ class Checkpointer:
             + "\n  ".join(f"step {s}: {why}" for s, why in errors)
             + f"\nNothing was changed. To start this run from scratch, move that directory away "
             f"(mv {self.directory} {self.directory}.old) or use another --workdir.")
+
+    def restore_step(self, step: int, target: Any) -> tuple[Any, dict]:
+        """``(state, meta)`` of ``step`` restored into ``target`` (as :meth:`restore_latest` restores), for a
+        run that starts from another run's step (no config check here: the caller has made it). Raises
+        :class:`CheckpointError` naming the step and why if it cannot be used. Nothing is moved or removed."""
+        errors: list[tuple[int, str]] = []
+        abstract = _abstract(target)
+
+        def structure_error(step: int, e: Exception) -> CheckpointError | None:
+            if not _is_structure_mismatch(e):
+                return None
+            return CheckpointError(
+                f"Cannot start from step {step} of {self.workdir}: its train state has another structure than the "
+                f"one this config builds ({_short(e)}). Use the model and optimiser fields of the config it was "
+                "written with (that workdir's config.json). Nothing was written.")
+
+        found = self._first_usable([int(step)], lambda *_: None, lambda _: abstract, errors, structure_error)
+        if found is None:
+            raise CheckpointError(f"The checkpoint at step {step} in {self.directory} cannot be used: "
+                                  + "; ".join(why for _, why in errors) + ". Nothing was changed.")
+        return found
+
+    def read_json(self, step: int, item: str) -> dict:
+        """The ``config`` or ``meta`` item saved at ``step``."""
+        return self._read_json(step, item)
 
     def read(self, step: int | None = None, config: dict | None = None) -> tuple[Any, dict] | None:
         """A checkpoint as it was saved: ``(state, meta)``, or None if there is none.
@@ -476,6 +537,13 @@ class Checkpointer:
         self.moved_aside.append(dest)
         log.warning("Checkpoint at step %d moved aside to %s (%s); an older step was restored instead.",
                     step, dest, why)
+
+
+def _abstract(target: Any) -> Any:
+    """The restore target: ShapeDtypeStructs with a sharding (the fsdp driver's target) restore straight into
+    those shards, whatever device count wrote them; anything else restores as numpy."""
+    return jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
+                        else np.zeros(np.shape(x), np.asarray(x).dtype), target)
 
 
 # ============================================================================ reading, not resuming

@@ -25,6 +25,7 @@ from seqvis.data.sources import check_cache_budget
 from seqvis.errors import ConfigError  # noqa: F401 - re-exported: its old home
 from seqvis.evaluation.flops import forward_flops_per_example
 from seqvis.models.common import num_params
+from seqvis.train import branch as branch_lib
 from seqvis.train import checkpoint as ckpt_lib
 from seqvis.train import optim
 from seqvis.train import sharding as sharding_lib
@@ -115,6 +116,7 @@ def check_config(config: Any) -> None:
         raise ConfigError(f"config.parallel={config.parallel!r} is unknown; use one of {sorted(step_lib.DRIVERS)}.")
     sharding_lib.check_config(config, devices)
     precision_name(config)
+    branch_lib.check_config(config)
     for field in ("log_every_steps", "checkpoint_every_steps"):
         if int(config.get(field, 1)) <= 0:
             raise ConfigError(f"config.{field}={config.get(field)} must be a positive number of steps.")
@@ -238,7 +240,8 @@ def _train_and_evaluate(config: Any, workdir: str, stop_at_step: int | None, run
     ckpt = None
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
         ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)),
-                                     async_save=bool(config.get("async_checkpointing", True)), cleanup=True)
+                                     async_save=bool(config.get("async_checkpointing", True)), cleanup=True,
+                                     preserve=tuple(config.get("checkpoint_steps", ()) or ()))
         run["ckpt"] = ckpt
         try:
             saved = ckpt.latest_config()
@@ -256,6 +259,9 @@ def _train_and_evaluate(config: Any, workdir: str, stop_at_step: int | None, run
         if changed:
             log.warning("Resuming from step %d with a changed config; training goes on with the new values:\n  %s",
                         saved[0], "\n  ".join(changed))
+    if ckpt is None or not ckpt.steps():  # a new workdir may start from another run's step (config.branch_from)
+        run["branch"] = branch_lib.check(config, config_dict, data_lib, process_count=jax.process_count(),
+                                         allow_data_change=allow_data_change)
 
     os.makedirs(workdir, exist_ok=True)
     try:
@@ -314,6 +320,9 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
         if finished is not None:
             return finished
         log.info("Resuming from step %d (%s)", meta["step"], ckpt.directory)
+    elif run.get("branch") is not None:
+        host_state, meta = branch_lib.restore(run["branch"], driver.restore_target(host_state))
+        log.info("Branching from step %d of %s", meta["step"], run["branch"].workdir)
     elif config.get("init_from"):
         params = load_pretrained(config.init_from, host_state.params,
                                  allow_partial=bool(config.get("init_from_allow_partial", False)))
@@ -321,7 +330,8 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
     if ckpt is None:  # a new workdir: created only now, after config, data, model and init_from have been checked
         ckpt = run["ckpt"] = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)),
                                                    async_save=bool(config.get("async_checkpointing", True)),
-                                                   cleanup=True)
+                                                   cleanup=True,
+                                                   preserve=tuple(config.get("checkpoint_steps", ()) or ()))
     start_step = int(meta["step"])
     data_changes = list(meta.get("data_changes", []))
     if restored is not None and run.get("data_changes_allowed"):
@@ -356,6 +366,7 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
     run["writer"] = writer
     log_every = int(config.get("log_every_steps", 50))
     ckpt_every = int(config.get("checkpoint_every_steps", 1000))
+    ckpt_steps = set(config.get("checkpoint_steps", ()) or ())
     eval_every = int(config.get("eval_every_steps", 0) or 0)
     if chief and start_step < total_steps:
         log.info("%s %d parameters; training steps %d..%d of %d (batch %d on %d device%s); compiling...",
@@ -434,13 +445,13 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
                 progress.update(done, {"loss": row["loss"], "lr": row["learning_rate"],
                                        "img/s": row["img_per_sec"]})
                 history, t_log, last_log_step = [], time.time(), done
-            if done % ckpt_every == 0 or done == total_steps:
+            if done % ckpt_every == 0 or done == total_steps or done in ckpt_steps:
                 save(done, state)
             if eval_every and done % eval_every == 0 and done != total_steps:
                 ev = evaluate(task, driver, state, config, data_lib)
                 writer.write(done, ev, prefix="eval/")
             if done < total_steps and preemption.reached(done):  # e.g. SIGTERM: the VM is being preempted
-                if done % ckpt_every:
+                if done % ckpt_every and done not in ckpt_steps:
                     save(done, state)
                 progress.close()
                 ckpt.wait()
@@ -460,7 +471,8 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
         extra = task.final_evaluation({"params": host.params, **host.model_state}, config, workdir, data_lib)
         results = {**ev, **extra, "steps": total_steps, "examples_seen": total_steps * global_batch,
                    "train_seconds": seconds,
-                   "gflops_per_example": None if flops is None else flops / 1e9, "params": n_params}
+                   "gflops_per_example": None if flops is None else flops / 1e9, "params": n_params,
+                   **({"branch_from": b} if (b := ckpt_lib.branch_point(config_dict)) else {})}
         if chief:
             tmp = os.path.join(workdir, "results.json.tmp")
             with open(tmp, "w") as f:
