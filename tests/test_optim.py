@@ -47,10 +47,12 @@ def test_schedule_errors():
 
 def test_decay_mask_skips_bias_norm_embeddings():
     params = {"Dense_0": {"kernel": 1, "bias": 2}, "LayerNorm_0": {"scale": 3, "bias": 4},
-              "posembed_input": {"pos_embedding": 5}, "cls": 6, "Embed_0": {"embedding": 7}}
+              "posembed_input": {"pos_embedding": 5}, "cls": 6, "Embed_0": {"embedding": 7},
+              "MAPHead_0": {"probe": 8}}
     m = optim.decay_mask(params, ("bias", "norm", "embedding"))
     assert m == {"Dense_0": {"kernel": True, "bias": False}, "LayerNorm_0": {"scale": False, "bias": False},
-                 "posembed_input": {"pos_embedding": False}, "cls": False, "Embed_0": {"embedding": False}}
+                 "posembed_input": {"pos_embedding": False}, "cls": False, "Embed_0": {"embedding": False},
+                 "MAPHead_0": {"probe": False}}  # the MAP head's probe is a learned token, like the class token
     m2 = optim.decay_mask(params, ("bias",))
     assert m2["LayerNorm_0"]["scale"] is True and m2["cls"] is True
     with pytest.raises(ValueError, match="skip_decay has unknown kinds"):

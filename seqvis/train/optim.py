@@ -36,7 +36,8 @@ Optimisers (``config.optimizer.name``), after global-norm clipping when ``grad_c
 momentum trace) in bfloat16; the arithmetic stays in float32. The second moment stays float32.
 
 Weight decay skips the parameter kinds listed in ``skip_decay``: ``bias`` (leaves named bias), ``norm``
-(norm scales), ``embedding`` (position embeddings, class token, token embedding tables).
+(norm scales), ``embedding`` (position embeddings, class token, the MAP head's probe, token embedding
+tables).
 
 Per-parameter multipliers (``adamw``, ``sgd``, ``adafactor_momentum``): ``lr_mults`` and ``wd_mults`` are
 sequences of ``(regex, multiplier)`` pairs. A parameter's name is its path in the params tree joined with
@@ -75,7 +76,7 @@ from seqvis.errors import ConfigError
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 OPTIMIZERS = ("adamw", "sgd", "adafactor", "adafactor_momentum")
 MU_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
-SKIP_KINDS = {"bias": {"bias"}, "norm": {"scale"}, "embedding": {"pos_embedding", "cls", "embedding"}}
+SKIP_KINDS = {"bias": {"bias"}, "norm": {"scale"}, "embedding": {"pos_embedding", "cls", "embedding", "probe"}}
 
 
 # ============================================================================ schedules
