@@ -23,28 +23,24 @@ import jax
 import ml_collections
 import numpy as np
 
+from seqvis.config_cli import load_config
 from seqvis.evaluation.flops import forward_flops_per_example
 from seqvis.train import optim, step as step_lib
 from seqvis.train.tasks import get_task
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def vit_config(arg: str = "") -> ml_collections.ConfigDict:
     """``configs/vit.py:ARG`` (the default job's config for an empty ``arg``)."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "vit.py")
-    spec = importlib.util.spec_from_file_location("vit_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg or None)
+    return load_config(os.path.join(REPO, "configs", "vit.py") + (f":{arg}" if arg else ""))
 
 
-def _configs():
-    default = vit_config()
+def configs() -> dict[str, ml_collections.ConfigDict]:
+    """The benchmarked models by name: the default job, and ViT-Ti/4 on 32x32x3 at batch 64."""
     ti4 = vit_config("Ti/4,cifar10")
     ti4.batch_size = 64
-    return {"default": default, "ti4_32": ti4}
+    return {"default": vit_config(), "ti4_32": ti4}
 
 
 def synthetic_setup(config: ml_collections.ConfigDict) -> dict:
@@ -138,7 +134,7 @@ def main():
 
         input_benchmark.main(["--workloads", args.input, "--input_batches", str(args.input_batches)])
         return
-    configs = _configs()
+    configs = configs()
     for name in args.models.split(","):
         if name not in configs:
             raise SystemExit(f"--models: unknown {name!r}; valid: {', '.join(configs)}")

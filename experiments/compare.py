@@ -48,6 +48,7 @@ import sys
 import time
 from typing import Any, Callable
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compare_peer.py")
 
 _VIT_DEFAULT = dict(kind="vit", config="", image_shape=[28, 28, 1], patch=7, width=128, depth=2, heads=4,
@@ -316,13 +317,13 @@ def _vit_runner(w: dict):
     import jax
     import numpy as np
 
-    from experiments.benchmark import vit_config
+    from seqvis.config_cli import load_config
     from seqvis.evaluation.flops import compiled_flops
     from seqvis.models.common import num_params
     from seqvis.train import optim, step as step_lib
     from seqvis.train.tasks import get_task
 
-    config = vit_config(w["config"])
+    config = load_config(os.path.join(REPO, "configs", "vit.py") + (f":{w['config']}" if w["config"] else ""))
     config.batch_size = w["batch"]
     config.model.update(w.get("model_overrides", {}))  # e.g. {"use_fused_attention": True} for an A/B
     assert list(config.data.image_shape) == list(w["image_shape"]), (config.data.image_shape, w)
@@ -365,14 +366,14 @@ def _vit_runner(w: dict):
     return runner
 
 
-def rnn_train_step(cell: str, hidden: int, lr: float = 1e-3, unroll: int = 1, split: bool = False):
+def rnn_train_step(cell: str, hidden: int, lr: float = 1e-3, unroll: int = 1):
     """``(model, tx, step)``: ``Recurrent(cell)`` trained with Adam on ``mean(outputs ** 2)``."""
     import jax
     import optax
 
     from seqvis.models import recurrent as rec
 
-    model = rec.Recurrent(rec.make_cell(cell, hidden), unroll=unroll, split_input_product=split)
+    model = rec.Recurrent(rec.make_cell(cell, hidden), unroll=unroll)
     tx = optax.adam(lr)
 
     def loss_fn(params, x):
@@ -395,8 +396,7 @@ def _rnn_runner(w: dict):
     from seqvis.evaluation.flops import compiled_flops
     from seqvis.models.common import num_params
 
-    model, tx, step = rnn_train_step(w["cell"], w["hidden"], unroll=w.get("unroll", 1),
-                                     split=w.get("split_input_product", False))
+    model, tx, step = rnn_train_step(w["cell"], w["hidden"], unroll=w.get("unroll", 1))
     x = jax.numpy.asarray(np.random.default_rng(0).normal(size=(w["batch"], w["T"], w["in"])).astype(np.float32))
     params = model.init(jax.random.key(0), x)["params"]
     state = (params, tx.init(params))

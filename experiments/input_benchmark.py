@@ -36,13 +36,9 @@ def _peak_rss_mb() -> float:
 
 
 def _default_cfg(data_dir: str):
-    import importlib.util
+    from seqvis.config_cli import load_config
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "vit.py")
-    spec = importlib.util.spec_from_file_location("vit_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config().data
+    cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "vit.py")).data
     cfg.data_dir = os.path.join(data_dir, "fashion_mnist")
     return cfg
 

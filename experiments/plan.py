@@ -119,7 +119,7 @@ def _mfu_pair(text: str) -> tuple[float, float]:
     return lo, hi
 
 
-def _parse(argv):
+def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m experiments.plan", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="config file[:arg], e.g. configs/vit_i1k.py:L/16")
     p.add_argument("--devices", type=int, required=True, help="number of accelerator devices of the run")
@@ -709,7 +709,7 @@ def set_device_flags(devices: int, compile_devices: int) -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args, overrides = _parse(argv)
+        args, overrides = parse_args(argv)
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

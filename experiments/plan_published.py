@@ -93,7 +93,7 @@ def _args(run: dict, **extra) -> tuple[Any, list]:
         argv.append(f"--epochs={run['epochs']}")
     if run.get("num_examples"):
         argv.append(f"--num_examples={run['num_examples']}")
-    args, _ = plan_lib._parse(argv + [f"--{k}={v}" for k, v in extra.items()])
+    args, _ = plan_lib.parse_args(argv + [f"--{k}={v}" for k, v in extra.items()])
     overrides = list(run.get("overrides", {}).items())
     if run.get("total_steps"):
         overrides.append(("total_steps", run["total_steps"]))

@@ -165,7 +165,7 @@ def main(argv=None) -> dict:
 
     from experiments import benchmark
 
-    configs = benchmark._configs()
+    configs = benchmark.configs()
     if args.model not in configs:
         raise SystemExit(f"--model: unknown {args.model!r}; valid: {', '.join(configs)}")
     setup = benchmark.synthetic_setup(configs[args.model])

@@ -49,9 +49,9 @@ class Import(NamedTuple):
     commented: bool  # a comment on the line or on the line above says why
 
 
-def _module_files() -> dict[str, str]:
+def _module_files(pkg: str = PKG) -> dict[str, str]:
     out = {}
-    for d, dirs, files in os.walk(PKG):
+    for d, dirs, files in os.walk(pkg):
         dirs[:] = sorted(x for x in dirs if not x.startswith((".", "__pycache__")))
         for f in sorted(files):
             if f.endswith(".py"):
@@ -61,6 +61,10 @@ def _module_files() -> dict[str, str]:
 
 
 MODULES = _module_files()
+# The studies and benchmarks: held to the same rules for circles and private names (not to the layers).
+EXPERIMENTS = _module_files(os.path.join(ROOT, "experiments"))
+TREE = {**MODULES, **EXPERIMENTS}
+OURS = ("seqvis", "experiments")
 
 
 def _commented(lines: list[str], i: int) -> bool:
@@ -89,7 +93,7 @@ def _imports(module: str, path: str) -> list[Import]:
         commented = _commented(lines, node.lineno - 1)
         if isinstance(node, ast.Import):
             for a in node.names:
-                target = a.name if a.name.split(".")[0] == "seqvis" else a.name.split(".")[0]
+                target = a.name if a.name.split(".")[0] in OURS else a.name.split(".")[0]
                 out.append(Import(module, target, (), node.lineno, nested, commented))
             continue
         base = node.module or ""
@@ -98,25 +102,26 @@ def _imports(module: str, path: str) -> list[Import]:
             parts = parts if is_pkg else parts[:-1]
             parts = parts[: len(parts) - (node.level - 1)]
             base = ".".join(parts + ([base] if base else []))
-        if base.split(".")[0] != "seqvis":
+        if base.split(".")[0] not in OURS:
             out.append(Import(module, base.split(".")[0], (), node.lineno, nested, commented))
             continue
         names = tuple(a.name for a in node.names)
-        submodules = [f"{base}.{n}" for n in names if f"{base}.{n}" in MODULES]
+        submodules = [f"{base}.{n}" for n in names if f"{base}.{n}" in TREE]
         for sub in submodules:  # `from seqvis.models import vit`: an arrow to seqvis.models.vit
             out.append(Import(module, sub, (), node.lineno, nested, commented))
-        rest = tuple(n for n in names if f"{base}.{n}" not in MODULES)
+        rest = tuple(n for n in names if f"{base}.{n}" not in TREE)
         if rest or not submodules:
             out.append(Import(module, base, rest, node.lineno, nested, commented))
     return out
 
 
-ALL = [imp for m, p in MODULES.items() for imp in _imports(m, p)]
+ALL_TREE = [imp for m, p in TREE.items() for imp in _imports(m, p)]
+ALL = [imp for imp in ALL_TREE if imp.importer in MODULES]  # the library's own imports
 
 
 def _parse_all() -> dict[str, ast.AST]:
     trees = {}
-    for module, path in MODULES.items():
+    for module, path in TREE.items():
         with open(path) as f:
             trees[module] = ast.parse(f.read())
     return trees
@@ -209,27 +214,29 @@ def test_cycle_finder_finds_a_cycle():
 
 
 def test_no_import_cycle():
+    """In the whole tree: the library and the studies (a deferred import inside a function counts)."""
     edges: dict[str, set[str]] = {}
-    for i in ALL:
-        if i.target in MODULES and i.target != i.importer:
+    for i in ALL_TREE:
+        if i.target in TREE and i.target != i.importer:
             edges.setdefault(i.importer, set()).add(i.target)
     assert _cycles(edges) == []
 
 
 def test_no_private_name_of_another_module():
+    """In the whole tree: the library and the studies."""
     found = set()
-    for i in ALL:
-        if i.target in MODULES and i.target != i.importer:
+    for i in ALL_TREE:
+        if i.target in TREE and i.target != i.importer:
             found |= {(i.importer, f"{i.target}.{n}") for n in i.names if n.startswith("_") and not n.startswith("__")}
     # `import seqvis.x as y` / `from seqvis import x as y`, then `y._name`
     for module, tree in TREES.items():
         aliases = {}
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                aliases.update({a.asname: a.name for a in node.names if a.asname and a.name in MODULES})
+                aliases.update({a.asname: a.name for a in node.names if a.asname and a.name in TREE})
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 aliases.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names
-                                if f"{node.module}.{a.name}" in MODULES})
+                                if f"{node.module}.{a.name}" in TREE})
         for node in ast.walk(tree):
             if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
                     and node.attr.startswith("_") and not node.attr.startswith("__")

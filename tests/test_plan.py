@@ -83,7 +83,7 @@ MEASURE = textwrap.dedent("""
     from seqvis.train import optim, step as step_lib
     from seqvis.train.tasks import get_task
 
-    args, overrides = plan_lib._parse(["--config=configs/vit.py", "--devices=1", "--accelerator=h100"])
+    args, overrides = plan_lib.parse_args(["--config=configs/vit.py", "--devices=1", "--accelerator=h100"])
     r = plan_lib.plan(args, overrides)
 
     # the same step, really run: the default job's config, batch 128 on one device

@@ -130,31 +130,10 @@ class _CellBase(nn.RNNCellBase):
         b = self.param("bias", bias_init, (width,), self.param_dtype)
         return w, u, b
 
-    def _project(self, inputs: Array, w: Array, b: Array) -> Array:
-        x, w, b = promote_dtype(inputs, w, b, dtype=self.dtype)
-        return x @ w + b
-
-    def _preactivation(self, mode: str | None, inputs: Array, h: Array, w: Array, u: Array, b: Array) -> Array:
-        """Gate pre-activations ``x @ W + h @ U + b``; with ``mode="recur"`` the inputs are already
-        ``x @ W + b`` (from :meth:`project`) and only ``h @ U`` is added."""
-        if mode == "recur":
-            xw, hc, u = promote_dtype(inputs, h, u, dtype=self.dtype)
-            return xw + hc @ u
+    def _preactivation(self, inputs: Array, h: Array, w: Array, u: Array, b: Array) -> Array:
+        """Gate pre-activations ``x @ W + h @ U + b``."""
         x, hc, w, u, b = promote_dtype(inputs, h, w, u, b, dtype=self.dtype)
         return x @ w + hc @ u + b
-
-    # The split used by ``Recurrent``: ``cell(carry, x) == recur(carry, project(x), in)`` up to
-    # float rounding, so the input products of all time steps are one matrix product outside
-    # the scan (as cuDNN and torch.nn.LSTM do) and only ``h @ U`` stays inside it.
-    @nn.nowrap
-    def project(self, inputs: Array) -> Array:
-        """Input part of the gate pre-activations, ``x @ W + b`` ``[..., G·H]``, for any leading axes."""
-        return self._cell(None, inputs, "project", inputs.shape[-1])
-
-    @nn.nowrap
-    def recur(self, carry: Carry, projected: Array, in_features: int) -> tuple[Carry, Array]:
-        """One step from ``projected = project(x_t)``: the recurrent product and the gates."""
-        return self._cell(carry, projected, "recur", in_features)
 
     @property
     def num_feature_axes(self) -> int:
@@ -194,18 +173,13 @@ class SimpleRNNCell(_CellBase):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
-    def __call__(self, carry: Array, inputs: Array) -> tuple[Array, Array]:
-        return self._cell(carry, inputs, None, inputs.shape[-1])
-
     @nn.compact
-    def _cell(self, carry, inputs, mode, in_features):
-        w, u, b = self._fused_params(in_features, 1)
-        if mode == "project":
-            return self._project(inputs, w, b)
+    def __call__(self, carry: Array, inputs: Array) -> tuple[Array, Array]:
+        w, u, b = self._fused_params(inputs.shape[-1], 1)
         h = carry
         self._check_hidden(h)
         f = _activation(self.activation_fn)
-        z = self._preactivation(mode, inputs, h, w, u, b)
+        z = self._preactivation(inputs, h, w, u, b)
         new_h = f(z).astype(h.dtype)
         return new_h, new_h
 
@@ -254,17 +228,12 @@ class LSTMCell(_CellBase):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
-    def __call__(self, carry: tuple[Array, Array], inputs: Array) -> tuple[tuple[Array, Array], Array]:
-        return self._cell(carry, inputs, None, inputs.shape[-1])
-
     @nn.compact
-    def _cell(self, carry, inputs, mode, in_features):
-        w, u, b = self._fused_params(in_features, 4, bias_offsets=(0.0, self.forget_bias, 0.0, 0.0))
-        if mode == "project":
-            return self._project(inputs, w, b)
+    def __call__(self, carry: tuple[Array, Array], inputs: Array) -> tuple[tuple[Array, Array], Array]:
+        w, u, b = self._fused_params(inputs.shape[-1], 4, bias_offsets=(0.0, self.forget_bias, 0.0, 0.0))
         c, h = carry
         self._check_hidden(h)
-        z = self._preactivation(mode, inputs, h, w, u, b)
+        z = self._preactivation(inputs, h, w, u, b)
         zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
         i, f, g, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)
         new_c = (f * c + i * g).astype(c.dtype)
@@ -316,22 +285,14 @@ class GRUCell(_CellBase):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
-    def __call__(self, carry: Array, inputs: Array) -> tuple[Array, Array]:
-        return self._cell(carry, inputs, None, inputs.shape[-1])
-
     @nn.compact
-    def _cell(self, carry, inputs, mode, in_features):
-        w, u, b = self._fused_params(in_features, 3)
+    def __call__(self, carry: Array, inputs: Array) -> tuple[Array, Array]:
+        w, u, b = self._fused_params(inputs.shape[-1], 3)
         b_hn = self.param("recurrent_bias", self.bias_init, (self.features,), self.param_dtype)
-        if mode == "project":
-            return self._project(inputs, w, b)
         h = carry
         self._check_hidden(h)
-        if mode == "recur":
-            xw, hc, u, b_hn = promote_dtype(inputs, h, u, b_hn, dtype=self.dtype)
-        else:
-            x, hc, w, u, b, b_hn = promote_dtype(inputs, h, w, u, b, b_hn, dtype=self.dtype)
-            xw = x @ w + b
+        x, hc, w, u, b, b_hn = promote_dtype(inputs, h, w, u, b, b_hn, dtype=self.dtype)
+        xw = x @ w + b
         xr, xz, xn = jnp.split(xw, 3, axis=-1)
         hr, hz, hn = jnp.split(hc @ u, 3, axis=-1)
         r = jax.nn.sigmoid(xr + hr)
@@ -347,7 +308,6 @@ class GRUCell(_CellBase):
 
 
 CELL_KINDS: dict[str, type[nn.RNNCellBase]] = {"rnn": SimpleRNNCell, "lstm": LSTMCell, "gru": GRUCell}
-_STEP_CALLS = tuple(CELL_KINDS.values())
 
 
 def make_cell(kind: str, features: int, **kwargs: Any) -> nn.RNNCellBase:
@@ -379,14 +339,6 @@ def _where_valid(valid: Array, new: Any, old: Any) -> Any:
     return jax.tree.map(pick, new, old)
 
 
-def _splits_input_product(cell: nn.RNNCellBase) -> bool:
-    """True for this module's cells whose step is not overridden: they have ``project``/``recur``."""
-    for cls in type(cell).__mro__:
-        if cls in _STEP_CALLS:
-            return type(cell).__call__ is cls.__call__ and type(cell)._cell is cls._cell
-    return False
-
-
 class Recurrent(nn.Module):
     """Run one cell over a whole sequence with ``nn.scan``.
 
@@ -415,19 +367,11 @@ class Recurrent(nn.Module):
       cell: the cell to scan, e.g. ``LSTMCell(128)`` or ``make_cell('gru', 128)``.
       reverse: process sequences backwards (see above).
       unroll: time steps per scan iteration (``jax.lax.scan`` ``unroll``; speed only).
-      split_input_product: compute the input part ``x_t @ W + b`` of all T steps as one
-        matrix product before the scan (time-major, as cuDNN and ``torch.nn.LSTM`` do), so
-        only ``h @ U`` and the gates stay inside it. Same numbers up to float rounding; speed
-        only, and only for this module's cells (others are scanned as they are). Off by
-        default: on the 2-core CPU (jax 0.10.2, XLA:CPU) it measured 15-20% slower for
-        training (LSTM 392 vs 485, GRU 490 vs 574 seq/s at batch 64, T 50, in 128, H 256;
-        ``python -m experiments.compare_rnn_split``).
     """
 
     cell: nn.RNNCellBase
     reverse: bool = False
     unroll: int = 1
-    split_input_product: bool = False
 
     @nn.compact
     def __call__(
@@ -460,27 +404,12 @@ class Recurrent(nn.Module):
         if initial_carry is None:
             initial_carry = cell.initialize_carry(jax.random.key(0), (batch, inputs.shape[-1]))
 
-        split = self.split_input_product and _splits_input_product(cell)
-        time_axis = 0 if split else 1
-        if split:
-            # x_t @ W + b for every t in one matrix product, outside the loop.
-            in_features = inputs.shape[-1]
-            seq = cell.project(jnp.swapaxes(inputs, 0, 1) if time_axis == 0 else inputs)  # [T, batch, G·H]
-
-            def apply_cell(cell, carry, xw):
-                return cell.recur(carry, xw, in_features)
-        else:
-            seq = inputs
-
-            def apply_cell(cell, carry, x):
-                return cell(carry, x)
-
         if lengths is None:
 
             def step(cell, carry, x):
-                return apply_cell(cell, carry, x)
+                return cell(carry, x)
 
-            xs = (seq,)
+            xs = (inputs,)
         else:
             lengths = jnp.asarray(lengths)
             if lengths.shape != (batch,):
@@ -488,16 +417,16 @@ class Recurrent(nn.Module):
             valid = lengths_to_valid(lengths, steps)  # [batch, T]
 
             def step(cell, carry, x, ok):
-                new_carry, y = apply_cell(cell, carry, x)
+                new_carry, y = cell(carry, x)
                 return _where_valid(ok, new_carry, carry), _where_valid(ok, y, jnp.zeros_like(y))
 
-            xs = (seq, valid.T if time_axis == 0 else valid)
+            xs = (inputs, valid)
 
         scan = nn.scan(
             step,
             variable_broadcast="params",
             split_rngs={"params": False},
-            in_axes=time_axis,
+            in_axes=1,
             out_axes=1,
             reverse=self.reverse,
             unroll=self.unroll,
