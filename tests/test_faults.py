@@ -137,6 +137,16 @@ def test_plain_mistakes_on_the_command_line_get_one_line(tmp_path):
     assert (tmp_path / "f").read_text() == "keep me"
 
 
+def test_a_catalogue_set_that_is_not_prepared_is_one_line_on_the_captioning_path(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = childproc.run([sys.executable, "-m", "seqvis.main", f"--config={ROOT}/configs/captioning.py:show_attend_tell,coco",
+                         f"--config.data.data_dir={tmp_path / 'missing'}", f"--workdir={tmp_path / 'w'}"],
+                        cwd=ROOT, env=env, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    first = out.stderr.strip().splitlines()[0]
+    assert first.startswith("error: Dataset 'coco_captions' is not prepared in") and "tfds build coco_captions" in first
+
+
 def test_the_planner_names_a_bad_override_in_one_line():
     out = childproc.run([sys.executable, "-m", "experiments.plan", "--config=configs/vit.py", "--devices=1",
                          "--accelerator=tpu_v3", "--config.modle.depth=1"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
