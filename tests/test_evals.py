@@ -129,7 +129,22 @@ def test_sweep_results_csv_has_the_evaluator_columns(idx_dir, tmp_path):  # noqa
     with open(os.path.join(table[0]["workdir"], "results.json")) as f:
         results = json.load(f)
     assert float(table[0]["fewshot/fashion_mnist/2shot"]) == results["fewshot/fashion_mnist/2shot"]
-    assert json.loads(table[0]["fewshot/fashion_mnist/1shot_per_seed"]) == results["fewshot/fashion_mnist/1shot_per_seed"]
+    per_seed = "fewshot/fashion_mnist/1shot_per_seed"
+    assert json.loads(table[0][per_seed]) == results[per_seed]
+
+
+def test_dataset_names_and_dicts_resolve_to_data_configs(idx_dir, tmp_path):  # noqa: F811
+    config = tiny_config(idx_dir, tmp_path)
+    config.data.pp_eval = "decode|value_range(0, 1)"
+    mnist = evals_lib.resolve_dataset({"preset": "mnist", "idx_dir": "/somewhere"}, config)
+    assert (mnist.name, mnist.idx_dir, mnist.pp_eval) == ("mnist_idx", "/somewhere", "decode|value_range(-1, 1)")
+    assert mnist.data_dir == config.data.data_dir  # prepared beside the training set
+    v2 = evals_lib.resolve_dataset("imagenet_v2", config)
+    assert (v2.name, v2.pp_eval, v2.eval_split) == ("imagenet_v2", config.data.pp_eval, "test")
+    own = evals_lib.resolve_dataset("", config)
+    assert own.to_dict() == config.data.to_dict() and own is not config.data
+    with pytest.raises(ConfigError, match="dataset preset 'mnst' is unknown"):
+        evals_lib.resolve_dataset({"preset": "mnst"}, config)
 
 
 # ============================================================================ few-shot evaluator on known features
@@ -326,6 +341,10 @@ def test_command_line_forms_that_add_a_fewshot_evaluator(monkeypatch):
                                            "'shots': (1, 5)}}"])
     assert c.evals.fs.dataset == "mnist" and tuple(c.evals.fs.shots) == (1, 5)
     evals_lib.check_config(c)
+    c = parse_flags(monkeypatch, [f"--config={vit_py}", "--config.evals={'fs': {'type': 'fewshot', 'dataset': "
+                                                        "{'preset': 'mnist', 'idx_dir': '/x'}}}"])
+    evals_lib.check_config(c)
+    assert evals_lib.resolve_dataset(c.evals.fs.dataset, c).idx_dir == "/x"
     # A new entry by dotted path is what ml_collections cannot do (hence the two forms above).
     with pytest.raises(Exception, match="fs"):
         parse_flags(monkeypatch, [f"--config={vit_py}", "--config.evals.fs.type=fewshot"])

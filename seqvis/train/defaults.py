@@ -49,8 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.log_every_steps = 50
     c.eval_every_steps = 0  # 0: evaluate only at the end
-    # Named evaluators, name -> {type: classification | fewshot, dataset, split, pp, every_steps, ...}; fields and
-    # defaults in seqvis.train.evaluators. With no classification evaluator the run also evaluates eval_split (eval/...).
+    # Named evaluators, name -> {type: classification | fewshot, dataset, split, pp, every_steps, ...}; fields below,
+    # their meaning in seqvis.train.evaluators. With no classification evaluator the run evaluates eval_split (eval/).
     c.evals = ml_collections.ConfigDict()  # entries: evaluator(kind, **fields) below
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 3  # >= 1

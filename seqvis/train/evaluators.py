@@ -11,9 +11,10 @@
 evaluator:
 
 - ``type``: ``classification`` or ``fewshot``.
-- ``dataset``: a data config (as ``config.data``: ``name``, ``data_dir``, ``idx_dir``, ``pp_eval``,
-  ...), or a name: a preset of :mod:`seqvis.data.presets` (``mnist``, ``cifar10``, ...) or a tfds
-  name (``imagenet_v2``), read from ``config.data.data_dir`` with ``config.data.pp_eval``. Default:
+- ``dataset``: a name: a preset of :mod:`seqvis.data.presets` (``mnist``, ``cifar10``, ...) or a
+  tfds name (``imagenet_v2``, read with ``config.data.pp_eval``), from ``config.data.data_dir``; or
+  a data config (fields as ``config.data``: ``name``, ``data_dir``, ``idx_dir``, ``pp_eval``, ...,
+  over those of its ``preset`` if it names one: ``{'preset': 'mnist', 'idx_dir': DIR}``). Default:
   ``config.data``.
 - ``pp``: the preprocessing (default: the dataset's ``pp_eval``); the images must fit the model.
 - ``every_steps``: evaluate every that many steps (0: only at the end; default
@@ -157,7 +158,11 @@ def _prefix(name: str, cfg: dict, config: Any) -> str:
 
 
 def _nonneg_int(value: Any, field: str) -> int:
-    if isinstance(value, bool) or not float(value).is_integer() or int(value) < 0:
+    try:
+        ok = not isinstance(value, bool) and float(value).is_integer() and int(value) >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise ConfigError(f"{field}={value!r} must be a whole number >= 0.")
     return int(value)
 
@@ -185,7 +190,10 @@ def check_config(config: Any) -> None:
             if isinstance(cfg["seeds"], bool) or _nonneg_int(cfg["seeds"], f"{field}.seeds") < 1:
                 raise ConfigError(f"{field}.seeds={cfg['seeds']!r} must be >= 1 (seeds 0 .. seeds-1 each draw k-shot "
                                   "sets; the mean is reported).")
-            l2 = float(cfg["l2_reg"])
+            try:
+                l2 = float(cfg["l2_reg"])
+            except (TypeError, ValueError):
+                l2 = float("nan")
             if not (np.isfinite(l2) and l2 > 0):
                 raise ConfigError(f"{field}.l2_reg={cfg['l2_reg']!r} must be a finite number > 0 (big_vision: 2**10).")
             if not isinstance(cfg["representation"], str) or not cfg["representation"]:
@@ -205,22 +213,32 @@ def check_config(config: Any) -> None:
 
 
 def resolve_dataset(spec: Any, config: Any) -> ml_collections.ConfigDict:
-    """An evaluator's ``dataset`` as a data config (a copy: the evaluator may set its pp)."""
+    """An evaluator's ``dataset`` as a data config (a copy: the evaluator may set its pp).
+
+    ``None``/``""``: ``config.data``. A name: its preset, else a tfds name with splits ``train``/``test`` and
+    ``config.data.pp_eval``; either read from ``config.data.data_dir``. A dict: those fields over the
+    dict's ``preset`` (e.g. ``{'preset': 'mnist', 'idx_dir': DIR}``) or over the defaults of a tfds name.
+    """
     data = config.get("data", None) or ml_collections.ConfigDict()
     if spec is None or spec == "":
         out = copy.deepcopy(data)
-    elif isinstance(spec, str):
-        if spec in presets.PRESETS:
-            out = presets.data_config(spec)
-        else:
-            out = ml_collections.ConfigDict(dict(name=spec, train_split="train", eval_split="test",
-                                                 pp_eval=data.get("pp_eval", "decode"), cache="none"))
-        out.data_dir = data.get("data_dir", "") or ""
+        out.unlock()
+        return out
+    fields = {"name": spec} if isinstance(spec, str) else dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
+    preset = fields.pop("preset", None) or (fields["name"] if fields.get("name") in presets.PRESETS else None)
+    if preset is not None:
+        if preset not in presets.PRESETS:
+            raise ConfigError(f"dataset preset {preset!r} is unknown; valid: {', '.join(presets.PRESETS)}.")
+        if fields.get("name") == preset:
+            fields.pop("name")
+        out = presets.data_config(preset)
     else:
-        out = ml_collections.ConfigDict(spec.to_dict() if hasattr(spec, "to_dict") else dict(spec))
-        if not out.get("data_dir"):
-            out.data_dir = data.get("data_dir", "") or ""
+        out = ml_collections.ConfigDict(dict(name=fields.get("name", ""), train_split="train", eval_split="test",
+                                             pp_eval=data.get("pp_eval", "decode"), cache="none"))
     out.unlock()
+    out.update(fields)
+    if not out.get("data_dir"):
+        out.data_dir = data.get("data_dir", "") or ""
     return out
 
 
@@ -285,7 +303,10 @@ class Evaluator:
         if self.batch_size % jax.device_count():
             raise ConfigError(f"{self.field}.batch_size={self.batch_size} must be a multiple of the device count "
                               f"({jax.device_count()}).")
-        self.data = resolve_dataset(cfg.get("dataset"), config)
+        try:
+            self.data = resolve_dataset(cfg.get("dataset"), config)
+        except ConfigError as e:
+            raise ConfigError(f"{self.field}.dataset: {e}") from None
         if cfg.get("pp"):
             self.data.pp_eval = cfg["pp"]
         self.pp_field = f"{self.field}.pp" if cfg.get("pp") else (
