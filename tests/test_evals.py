@@ -345,9 +345,13 @@ def test_command_line_forms_that_add_a_fewshot_evaluator(monkeypatch):
                                                         "{'preset': 'mnist', 'idx_dir': '/x'}}}"])
     evals_lib.check_config(c)
     assert evals_lib.resolve_dataset(c.evals.fs.dataset, c).idx_dir == "/x"
-    # A new entry by dotted path is what ml_collections cannot do (hence the two forms above).
-    with pytest.raises(Exception, match="fs"):
-        parse_flags(monkeypatch, [f"--config={vit_py}", "--config.evals.fs.type=fewshot"])
+    # A new entry by dotted path is what ml_collections cannot do (hence the two forms above); seqvis.main says so.
+    argv = [f"--config={vit_py}", "--config.evals.fs.type=fewshot"]
+    with pytest.raises(Exception, match="fs") as refused:
+        parse_flags(monkeypatch, argv)
+    from seqvis import config_cli
+
+    assert "an evaluator cannot be added by a dotted path" in config_cli.explain_flag_error(argv, refused.value)
 
 
 # ============================================================================ errors, before any compilation
