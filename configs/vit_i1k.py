@@ -10,6 +10,7 @@ dropout 0.1, global-norm clipping at 1, pre-logits layer of width 768.
 
 from seqvis.data.presets import data_config
 from seqvis.train.defaults import base_config
+from seqvis.train.evaluators import imagenet1k_evals
 
 
 def get_config(arg: str | None = None):
@@ -27,5 +28,6 @@ def get_config(arg: str | None = None):
     c.schedule.update(name="linear", base_lr=3e-3, warmup_steps=10_000, end_lr=1e-5)
     c.log_every_steps = 100
     c.eval_every_steps = 5000
+    c.evals = imagenet1k_evals(c.data.pp_eval)  # minival, val, ImageNet-v2, ReaL
     c.checkpoint_every_steps = 2000
     return c

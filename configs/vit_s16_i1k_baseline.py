@@ -10,6 +10,7 @@ mixup with α = 0.2, inception crop, no dropout, zero-init head, clipping at 1.
 
 from seqvis.data.presets import data_config
 from seqvis.train.defaults import base_config
+from seqvis.train.evaluators import imagenet1k_evals
 
 
 def get_config(arg: str | None = None):
@@ -28,5 +29,6 @@ def get_config(arg: str | None = None):
     c.schedule.update(name="cosine", base_lr=1e-3, warmup_steps=10_000)
     c.log_every_steps = 100
     c.eval_every_steps = 5000
+    c.evals = imagenet1k_evals(c.data.pp_eval)  # minival, val, ImageNet-v2, ReaL
     c.checkpoint_every_steps = 2000
     return c

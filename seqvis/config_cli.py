@@ -60,6 +60,10 @@ def override_problem(config: Any, key: str, value: str | None = None) -> str | N
             near = difflib.get_close_matches(part, fields, n=1)
             hint = f" (did you mean {'.'.join(parts[:j] + near)!r}?)" if near else ""
             listing = f"; it has: {', '.join(fields)}" if fields else ""
+            if j == 1 and parts[0] == "evals":  # ml_collections overrides cannot add an entry
+                listing += ("; an evaluator cannot be added by a dotted path: use a config argument that adds it "
+                            "(configs/vit.py:fewshot) or give the whole dict, --config.evals=\"{'NAME': "
+                            "{'type': 'fewshot', 'dataset': 'fashion_mnist'}}\" (seqvis/train/evaluators.py)")
             return f"{where} has no field {part!r}{hint}{listing}"
         node, where = node[part], "config." + ".".join(parts[:j + 1])
     if value is not None and isinstance(node, (bool, int, float)) and not _parses_as(value, type(node)):

@@ -2,7 +2,8 @@
 ``results.csv`` (the same rows, flat), and the dry-run table.
 
 Columns: :data:`FIXED_COLUMNS`, then one ``ov.<key>`` per override key of the sweep, then
-any key a row brings that the header lacks (the CSV is rewritten with the wider header).
+any key a row brings that the header lacks (the CSV is rewritten with the wider header), such as
+the named evaluators' results (``fewshot/<dataset>/<k>shot``; seqvis.train.evaluators).
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def make_row(point: Point, results: dict | None, *, status: str, message: str = 
             row["test_error"] = 1.0 - float(row["accuracy"])
         n_train = point.info.get("num_train_examples")
         row["epochs"] = None if not n_train or ex is None else ex / n_train
+        # The named evaluators' results (fewshot/<dataset>/<k>shot, <name>/accuracy, ...): one column each.
+        row.update({k: v for k, v in results.items() if "/" in k})
     return row
 
 

@@ -345,8 +345,14 @@ def train_iterator(cfg: Any, *, global_batch_size: int, seed: int, start_step: i
 def eval_iterator(cfg: Any, *, global_batch_size: int, split: str | None = None,
                   process_index: int | None = None, process_count: int | None = None,
                   local_device_count: int | None = None,
-                  extra_ops: tuple = ()) -> Iterator[dict[str, np.ndarray]]:
-    """Every example of the split exactly once; the last batch padded with ``mask = 0``."""
+                  extra_ops: tuple = (), examples: np.ndarray | None = None,
+                  pp_field: str = "config.data.pp_eval") -> Iterator[dict[str, np.ndarray]]:
+    """Every example of the split exactly once; the last batch padded with ``mask = 0``.
+
+    ``examples``: only these indices of the split (file order), in increasing order, each process
+    taking a contiguous share; images are decoded by the pp ops for those examples only. ``pp_field``
+    names the pp string in error messages.
+    """
     tf = _tf()
     pi, pc, nd = _defaults(process_index, process_count, local_device_count)
     if global_batch_size % pc or (global_batch_size // pc) % nd:
@@ -356,13 +362,33 @@ def eval_iterator(cfg: Any, *, global_batch_size: int, split: str | None = None,
     split = split or cfg.get("eval_split", "test")
     builder = get_builder(cfg)
     spec = cfg.get("pp_eval", "decode")
-    ops = preprocess.parse(spec, field="config.data.pp_eval", defaults=_pp_defaults(builder)) + list(extra_ops)
-    ds = as_dataset(builder, process_split(split, pi, pc), cfg, decoders_for(builder, spec))
+    ops = preprocess.parse(spec, field=pp_field, defaults=_pp_defaults(builder)) + list(extra_ops)
+    if examples is None:
+        ds = as_dataset(builder, process_split(split, pi, pc), cfg, decoders_for(builder, spec))
+    else:
+        import tensorflow_datasets as tfds
+
+        shares = np.array_split(np.unique(np.asarray(examples, np.int64)), pc)
+        keep = np.zeros(split_size(builder, split, cfg), bool)
+        keep[shares[pi]] = True
+        decoders = decoders_for(builder, spec)
+        if {p.strip().split("(")[0].strip() for p in (spec or "").split("|")} & set(preprocess.DECODE_OPS):
+            decoders = {k: tfds.decode.SkipDecoding() for k in image_keys(builder)} or None  # only kept ones
+        keep_t = tf.constant(keep)
+
+        def kept(i, ex):
+            return tf.gather(keep_t, i)
+
+        def example(i, ex):
+            return ex
+
+        ds = as_dataset(builder, split, cfg, decoders).enumerate().filter(kept).map(example)
     ds = ds.map(lambda ex: preprocess.apply(ops, {**ex, "_seed": tf.constant([0, 0], tf.int64)}),
                 num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(per_proc).prefetch(2)
     if pc > 1:  # all processes must run the same number of (collective) eval steps
-        counts = [split_size(builder, process_split(split, i, pc), cfg) for i in range(pc)]
+        counts = ([split_size(builder, process_split(split, i, pc), cfg) for i in range(pc)] if examples is None
+                  else [len(share) for share in shares])
         num_batches = math.ceil(max(counts) / per_proc)
     else:
         num_batches = None

@@ -30,7 +30,7 @@ value_range(vmin, vmax, in_min,     value_range(vmin, vmax, in_min,        no ``
 in_max)                             in_max)
 normalize(mean, std)                vgg_value_range(mean, std)             the caller gives mean/std in pixel units
 grayscale_to_rgb()                  (none)                                 —
-onehot(n, key, key_result, on, off) onehot(depth, key, key_result, on,     —
+onehot(n, key, key_result, on, off) onehot(depth, key, key_result, on,     a list of labels (multi-hot) drops ``key``
                                     off)
 keep(*keys)                         keep(*keys)                            keys starting with ``_`` (seeds) are kept
 randaugment(num_layers, magnitude)  randaug(num_layers, magnitude)         own TF implementation (see randaugment.py)
@@ -320,9 +320,21 @@ def grayscale_to_rgb():
 
 @register("onehot")
 def onehot(num_classes: int, key: str = "label", key_result: str = "labels", on: float = 1.0, off: float = 0.0):
+    """``ex[key_result] [num_classes]``: ``on`` at the class ``ex[key]``, ``off`` elsewhere. A list of classes
+    (e.g. ImageNet ReaL's ``real_label``, possibly empty) gives the multi-hot vector of all of them, and
+    ``key`` is dropped (its length varies, so it would not batch)."""
+
     def op(ex):
         tf = tf_module()
-        ex[key_result] = tf.one_hot(ex[key], num_classes, on_value=on, off_value=off)
+        labels = ex[key]
+        if labels.shape.rank == 0:
+            ex[key_result] = tf.one_hot(labels, num_classes, on_value=on, off_value=off)
+            return ex
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int64)
+        hits = tf.scatter_nd(labels[:, None], tf.ones_like(labels, tf.float32), [num_classes])
+        ex[key_result] = tf.clip_by_value(hits, 0.0, 1.0) * (on - off) + off
+        if key != key_result:
+            ex.pop(key)
         return ex
 
     return op

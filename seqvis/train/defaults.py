@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.log_every_steps = 50
     c.eval_every_steps = 0  # 0: evaluate only at the end
+    # Named evaluators, name -> {type: classification | fewshot, dataset, split, pp, every_steps, ...}; fields below,
+    # their meaning in seqvis.train.evaluators. With no classification evaluator the run evaluates eval_split (eval/).
+    c.evals = ml_collections.ConfigDict()  # entries: evaluator(kind, **fields) below
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 3  # >= 1
     c.checkpoint_steps = ()  # steps also saved and never deleted by keep_checkpoints (cooldown branch points)
@@ -61,3 +64,35 @@ def base_config() -> ml_collections.ConfigDict:
     c.tensorboard = True
     c.progress = True
     return c
+
+
+# The fields of each evaluator type (config.evals.NAME) and their defaults; a type (int, float) stands for "unset"
+# (a typed placeholder, so the command line can still set it), as does "". Unset fields come from the dataset or
+# the config; what each field means: seqvis.train.evaluators.
+_EVAL_COMMON = dict(type="", dataset="", pp="", every_steps=int, batch_size=int)
+EVAL_FIELDS = {
+    # dataset/split: default config.data and its eval_split; every_steps: config.eval_every_steps; batch_size:
+    # config.eval_batch_size; label_key: 'label', or a multi-hot vector (ReaL); main: its results are results.json's
+    # unprefixed headline numbers.
+    "classification": dict(_EVAL_COMMON, split="", label_key="label", main=False),
+    # train_split/split: the dataset's train_split and eval_split; seeds 0..seeds-1; l2_reg as big_vision's
+    # few-shot probes; representation: 'pre_logits' (the head's input) or a module path; key: the name in
+    # fewshot/<key>/<k>shot (default: the dataset's); num_classes: default from the dataset's 'label' feature.
+    "fewshot": dict(_EVAL_COMMON, train_split="", split="", shots=(1, 5, 10, 25), seeds=3, l2_reg=2.0 ** 10,
+                    representation="pre_logits", key="", num_classes=int),
+}
+
+
+def evaluator(kind: str, **fields) -> ml_collections.ConfigDict:
+    """One entry of ``config.evals`` of type ``kind`` with every field of that type present (at its default unless
+    given), so that ``--config.evals.NAME.FIELD=value`` can override any of them."""
+    if kind not in EVAL_FIELDS:
+        raise ValueError(f"evaluator type {kind!r} is unknown; use one of {sorted(EVAL_FIELDS)}.")
+    unknown = sorted(set(fields) - set(EVAL_FIELDS[kind]))
+    if unknown:
+        raise ValueError(f"evaluator fields {unknown} are unknown for type {kind!r}; its fields: "
+                         f"{sorted(EVAL_FIELDS[kind])}.")
+    out = {k: fields.get(k, default) for k, default in EVAL_FIELDS[kind].items()}
+    out = {k: ml_collections.config_dict.placeholder(v) if isinstance(v, type) else v for k, v in out.items()}
+    out["type"] = kind
+    return ml_collections.ConfigDict(out)

@@ -20,6 +20,12 @@ def _scalar(v: Any) -> float:
     return v if math.isfinite(v) else float("nan")
 
 
+def _is_eval(keys) -> bool:
+    """An evaluation row: a key other than the training metrics' ``train/...`` (``eval/``, ``fewshot/``, the
+    named evaluators' ``<name>/``; see seqvis.train.evaluators)."""
+    return any(k != "step" and not k.startswith("train/") for k in keys)
+
+
 def _kept(step: int, is_eval: bool, resume_step: int, total_steps: int | None) -> bool:
     """Whether a row logged at ``step`` survives a resume at ``resume_step`` (see :func:`truncate_jsonl`)."""
     return step < resume_step or (step == resume_step and not (is_eval and resume_step == total_steps))
@@ -45,7 +51,7 @@ def truncate_jsonl(path: str, resume_step: int, total_steps: int | None = None) 
             except (ValueError, KeyError, TypeError):
                 dropped += 1
                 continue
-            if _kept(step, any(k.startswith("eval/") for k in row), resume_step, total_steps):
+            if _kept(step, _is_eval(row), resume_step, total_steps):
                 kept.append(json.dumps(row) + "\n")
             else:
                 dropped += 1
@@ -95,7 +101,7 @@ def truncate_tensorboard(logdir: str, resume_step: int, total_steps: int | None 
                 raw = raw.numpy()
                 event = event_pb2.Event.FromString(raw)
                 if event.HasField("summary") and event.summary.value:
-                    is_eval = any(v.tag.startswith("eval/") for v in event.summary.value)
+                    is_eval = _is_eval([v.tag for v in event.summary.value])
                     if not _kept(int(event.step), is_eval, resume_step, total_steps):
                         dropped += 1
                         continue

@@ -21,7 +21,9 @@ the same step function and give the same parameters. Under ``fsdp`` the per-devi
 runs once on the whole global batch (``jax.vmap`` over a named axis of size 1, so its
 collectives are identities and BatchNorm statistics are those of the global batch, as
 pmap's synced statistics are); its dropout keys are those of device 0 of a pmap run, so
-only runs with dropout differ in their random draws.
+only runs with dropout differ in their random draws. Each driver also maps a per-device
+function with per-example outputs the same way (``per_example``: the evaluators' features and
+per-example metrics).
 
 Over 400 lines on purpose: the step and its three drivers (pmap, mesh, fsdp) share the train state,
 the step function and its global metrics, and read best side by side; much of the file is the docstrings
@@ -166,6 +168,20 @@ def replicate(tree: Any, devices) -> Any:
         lambda x: jax.device_put(np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)), sharding), tree)
 
 
+def local_rows(x) -> np.ndarray:
+    """This process's rows of a batch-sharded global array ``[global_batch, ...]`` (all of them with one
+    process), in the order of its local batch."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    rows, seen = [], set()
+    for s in shards:  # a row block replicated over other mesh axes appears once
+        if (s.index[0].start or 0) not in seen:
+            seen.add(s.index[0].start or 0)
+            rows.append(np.asarray(s.data))
+    return np.concatenate(rows)
+
+
 class PmapDriver:
     """State replicated along a leading device axis; batches ``[local_devices, B, ...]``."""
 
@@ -214,6 +230,17 @@ class PmapDriver:
 
     def evaluate(self, state, batch):
         return self._eval(state, batch)
+
+    def per_example(self, fn):
+        """``fn(state, batch) -> {name: [B, ...]}`` (per device, like the eval step) compiled over the local
+        devices; the callable returns host arrays ``[local_devices * B, ...]`` in the batch's order."""
+        mapped = jax.pmap(fn, axis_name=AXIS)
+
+        def run(state, batch):
+            return jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:]),
+                                jax.device_get(mapped(state, batch)))
+
+        return run
 
     def fetch(self, metrics):
         """Device metrics -> host floats. (Slicing on device would cost a dispatch per leaf per step.)"""
@@ -264,6 +291,11 @@ class MeshDriver:
 
     def evaluate(self, state, batch):
         return self._eval(state, batch)
+
+    def per_example(self, fn):
+        """As :meth:`PmapDriver.per_example`: ``fn`` under ``shard_map``, outputs sharded over the batch."""
+        mapped = jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
+        return lambda state, batch: jax.tree.map(local_rows, mapped(state, batch))
 
     def fetch(self, metrics):
         return jax.tree.map(np.asarray, jax.device_get(metrics))
@@ -382,6 +414,20 @@ class FsdpDriver:
 
     def evaluate(self, state, batch):
         return self.jitted(state)[1](state, batch)
+
+    def per_example(self, fn):
+        """As :meth:`PmapDriver.per_example`: the global-view ``fn`` jitted with the state's shardings,
+        outputs sharded like the batch."""
+        step, compiled = global_view(fn), {}
+
+        def run(state, batch):
+            key = jax.tree.structure(state)
+            if key not in compiled:
+                compiled[key] = jax.jit(step, in_shardings=(self.state_sharding(state), self.batch_sharding),
+                                        out_shardings=self.batch_sharding)
+            return jax.tree.map(local_rows, compiled[key](state, batch))
+
+        return run
 
     def fetch(self, metrics):
         return jax.tree.map(np.asarray, jax.device_get(metrics))

@@ -27,6 +27,7 @@ from seqvis.evaluation.flops import forward_flops_per_example
 from seqvis.models.common import num_params
 from seqvis.train import branch as branch_lib
 from seqvis.train import checkpoint as ckpt_lib
+from seqvis.train import evaluators as evaluators_lib
 from seqvis.train import optim
 from seqvis.train import sharding as sharding_lib
 from seqvis.train import step as step_lib
@@ -91,6 +92,7 @@ def check_config(config: Any) -> None:
                           "every checkpoint, including the one to resume from); e.g. --config.keep_checkpoints=1.")
     if int(config.get("eval_every_steps", 0) or 0) < 0:
         raise ConfigError(f"config.eval_every_steps={config.get('eval_every_steps')} must be >= 0 (0: only at the end).")
+    evaluators_lib.check_config(config)
     resume = config.get("resume", "") or ""
     if resume not in ("", ckpt_lib.ALLOW_DATA_CHANGE):
         raise ConfigError(f"config.resume={resume!r} is unknown; use '' (resume only when the data stream is "
@@ -141,21 +143,6 @@ def maybe_initialize_distributed(config: Any) -> None:
 def _mean_metrics(host: list[dict]) -> dict[str, float]:
     keys = [k for k in host[0] if k not in ("count", "bad_step")]
     return {k: float(np.mean([h[k] for h in host])) for k in keys}
-
-
-def evaluate(task, driver, state, config, data_lib) -> dict[str, float]:
-    """Masked sums over every example of the eval split exactly once."""
-    totals: dict[str, float] = {}
-    it = data_lib.eval_iterator(config.data, global_batch_size=int(config.get("eval_batch_size", config.batch_size)),
-                                extra_ops=tuple(task.pp_ops(train=False)))
-    for batch in it:
-        sums = driver.fetch(driver.evaluate(state, driver.put_batch(batch)))
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    count = totals.pop("count", 0.0)
-    out = {k: v / max(count, 1.0) for k, v in totals.items()}
-    out["num_examples"] = int(count)
-    return out
 
 
 def _refuse_a_shorter_run(ckpt, workdir: str, total_steps: int, config: Any) -> None:
@@ -290,6 +277,7 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
     # ---------------------------------------------------------------- model and optimiser
     task = get_task(config)
     task.setup(workdir, data_lib)
+    evaluators = evaluators_lib.from_config(config, task, data_lib)  # datasets and splits checked before compiling
     schedule = optim.make_schedule(config.schedule, total_steps)
     tx = optim.make_optimizer(config.optimizer, schedule)
     per_device = global_batch // jax.device_count()
@@ -367,7 +355,6 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
     log_every = int(config.get("log_every_steps", 50))
     ckpt_every = int(config.get("checkpoint_every_steps", 1000))
     ckpt_steps = set(config.get("checkpoint_steps", ()) or ())
-    eval_every = int(config.get("eval_every_steps", 0) or 0)
     if chief and start_step < total_steps:
         log.info("%s %d parameters; training steps %d..%d of %d (batch %d on %d device%s); compiling...",
                  config.model.get("name", task.__class__.__name__), n_params, start_step + 1, total_steps,
@@ -447,9 +434,8 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
                 history, t_log, last_log_step = [], time.time(), done
             if done % ckpt_every == 0 or done == total_steps or done in ckpt_steps:
                 save(done, state)
-            if eval_every and done % eval_every == 0 and done != total_steps:
-                ev = evaluate(task, driver, state, config, data_lib)
-                writer.write(done, ev, prefix="eval/")
+            if done != total_steps:
+                evaluators.run(done, driver, state, writer)  # those due at this step
             if done < total_steps and preemption.reached(done):  # e.g. SIGTERM: the VM is being preempted
                 if done % ckpt_every and done not in ckpt_steps:
                     save(done, state)
@@ -465,8 +451,7 @@ def _run(config, workdir, stop_at_step, run, data_lib, config_dict, chief, seed,
 
     # ---------------------------------------------------------------- final evaluation
     try:
-        ev = evaluate(task, driver, state, config, data_lib)
-        writer.write(total_steps, ev, prefix="eval/")
+        ev = evaluators.run(total_steps, driver, state, writer, final=True)
         host = driver.get_state(state)
         extra = task.final_evaluation({"params": host.params, **host.model_state}, config, workdir, data_lib)
         results = {**ev, **extra, "steps": total_steps, "examples_seen": total_steps * global_batch,
