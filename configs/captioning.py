@@ -14,7 +14,7 @@ splits, prepared in ``--config.data.data_dir``); ENCODER ``resnet`` (default) or
 On the scenes the models use one small ResNet encoder (ImageNet stem, then three basic
 stages, total stride 16: a 6x6 grid of regions over the 84x84 image, 128 channels; Show,
 Attend and Tell stops after two stages, stride 8: an 11x11 grid, 64 channels) and train
-from scratch in the CPU budget of the README table. The COCO setting is a
+from scratch in the CPU budget of the table in docs/captioning.md. The COCO setting is a
 GPU-sized recipe (ResNet-50 trunk at 224 px, 7x7 regions); nothing about it was tuned here.
 """
 
@@ -58,7 +58,7 @@ def get_config(arg: str | None = None):
     if encoder == "resnet":
         # Scenes: Show, Attend and Tell attends over an 11x11 grid (stem + two basic stages, stride 8,
         # 64 channels): on the 6x6 grid of the stride-16 trunk a 28 px item holds only one or two
-        # region centres per axis and noun grounding was 0.63 instead of 0.76 (README table).
+        # region centres per axis and noun grounding was 0.63 instead of 0.76 (docs/captioning.md).
         stages = (1, 2) if model == "show_attend_tell" else (1, 1, 1)
         enc = dict(name="resnet", depth=18, stage_sizes=stages, width=32, stem="imagenet", norm="batch") \
             if scenes else dict(name="resnet", depth=50, stage_sizes=(3, 4, 6, 3), width=64, stem="imagenet",
@@ -81,7 +81,7 @@ def get_config(arg: str | None = None):
     # λ of the doubly stochastic attention regulariser λ Σ_i (1 - Σ_t α_ti)² (Show, Attend and Tell
     # only). Off by default: on the scenes the paper's λ = 1 pushes the attention off the item when
     # the noun is written (the item was looked at for its colour word just before): on the 6x6 grid,
-    # noun grounding 0.1% instead of 63% and BLEU-4 0.742 instead of 0.770 (README table).
+    # noun grounding 0.1% instead of 63% and BLEU-4 0.742 instead of 0.770 (docs/captioning.md).
     # --config.doubly_stochastic=1.0 is the paper's setting.
     c.doubly_stochastic = 0.0
 
