@@ -177,6 +177,12 @@ def test_utils_needs_only_the_standard_library():
     assert not outside, outside
 
 
+
+def test_the_data_layer_imports_no_jax_or_flax_at_import_time():
+    """tf.data workers and the input benchmarks never initialise a jax backend by importing seqvis.data."""
+    found = [i for i in ALL if i.importer.startswith("seqvis.data") and i.target in ("jax", "flax") and not i.nested]
+    assert not found, found
+
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one module (or a self-loop), Tarjan's algorithm."""
     index, low, stack, on, out = {}, {}, [], set(), []
