@@ -136,7 +136,7 @@ def make_report(paths: Sequence[str], out: str, *, shots: int = 10, bootstrap: i
     from seqvis.analysis.plots import plot_frontier  # matplotlib only when reporting
 
     curves = {"upstream": (f"upstream test error ({rows[0].get('dataset') or 'pre-training set'})",
-                           curve(rows, lambda r: float(r["test_error"])))}
+                           list(rows))}  # read_results' error: 1 - accuracy
     for ds, col in cols.items():
         curves[f"fewshot_{ds}"] = (f"{shots}-shot linear transfer error, {ds}",
                                    curve(rows, lambda r, c=col: 1.0 - float(r[c])))

@@ -82,6 +82,17 @@ def requested(cfg: Any) -> int:
     return n
 
 
+def class_prefixes(labels: np.ndarray, num_classes: int, per_class: int, seed: int) -> list[np.ndarray]:
+    """For every class ``c`` of ``labels [n]``, the first ``per_class`` indices of a permutation of that class's
+    examples seeded with ``(seed, c)`` (the draw behind the balanced, nested subsets above and the few-shot
+    sets of :mod:`seqvis.evaluation.fewshot`). The caller has checked that every class has enough examples."""
+    out = []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        out.append(members[np.random.default_rng([int(seed), c]).permutation(len(members))[:per_class]])
+    return out
+
+
 def subset_indices(labels: np.ndarray, size: int, seed: int, num_classes: int | None = None) -> np.ndarray:
     """Sorted indices of the class-balanced subset of ``size`` examples (module docstring).
 
@@ -108,9 +119,4 @@ def subset_indices(labels: np.ndarray, size: int, seed: int, num_classes: int | 
         c = int(np.argmin(counts))
         raise ConfigError(f"{FIELD}={size} needs {per_class} examples of each of the {k} classes, but class {c} has "
                           f"only {counts[c]}; use at most {int(counts.min()) * k}.")
-    chosen = []
-    for c in range(k):
-        members = np.flatnonzero(labels == c)
-        order = np.random.default_rng([int(seed), c]).permutation(len(members))
-        chosen.append(members[order[:per_class]])
-    return np.sort(np.concatenate(chosen)).astype(np.int64)
+    return np.sort(np.concatenate(class_prefixes(labels, k, per_class, seed))).astype(np.int64)

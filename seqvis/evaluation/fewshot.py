@@ -34,6 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
+from seqvis.data.subset import class_prefixes
 from seqvis.errors import ConfigError, DataError
 
 BIAS_CONSTANT = 100.0  # the appended bias feature (big_vision's value)
@@ -122,10 +123,7 @@ def kshot_indices(labels: np.ndarray, shots: Sequence[int], seed: int, num_class
         c = int(np.argmin(counts))
         raise DataError(f"{what} has {counts[c]} example(s) of class {c}, fewer than the {most} shots asked for; "
                         f"use shots of at most {int(counts.min())} or a larger training split.")
-    prefixes = []
-    for c in range(num_classes):
-        members = np.flatnonzero(labels == c)
-        prefixes.append(members[np.random.default_rng([int(seed), c]).permutation(len(members))[:most]])
+    prefixes = class_prefixes(labels, num_classes, most, seed)
     return {int(k): np.sort(np.concatenate([p[:int(k)] for p in prefixes])).astype(np.int64) for k in shots}
 
 
