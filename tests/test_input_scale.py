@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 
 from seqvis.data import pipeline, preprocess, sources
 from seqvis.data.presets import data_config
+from seqvis.errors import DataError
 
 import childproc
 from test_train import toy_split, write_idx

@@ -20,7 +20,7 @@ from seqvis.train import checkpoint as ckpt_lib
 from seqvis.train.defaults import base_config
 from seqvis.train.metrics import truncate_jsonl
 from seqvis.train.pretrained import read_tree as read_checkpoint_params
-from seqvis.errors import CheckpointError, ConfigError
+from seqvis.errors import CheckpointError, ConfigError, IdxError
 from seqvis.train.trainer import TrainingInterrupted, train_and_evaluate
 
 N_TRAIN, N_TEST = 256, 64
@@ -348,7 +348,7 @@ def test_case8_bad_idx_file_gives_one_message_naming_it(tmp_path, content, messa
     elif content == "truncated-raw":
         content = raw[:-3]
     path.write_bytes(content)
-    with pytest.raises(idx_lib.IdxError, match=message) as e:
+    with pytest.raises(IdxError, match=message) as e:
         idx_lib.read_idx(str(path))
     assert str(path) in str(e.value)
 
