@@ -1,9 +1,8 @@
 """The errors a user can cause, in one place.
 
 Each is raised with one message that names the field, file or flag at fault and the fix.
-They keep the built-in bases they always had (``ValueError`` / ``RuntimeError``), so code
-that catches those still does; the old homes re-export them (``seqvis.train.trainer.ConfigError``
-is ``seqvis.errors.ConfigError``).
+Each keeps a built-in base (``ValueError`` / ``RuntimeError``), so code that catches those
+still does. Import them from here.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from seqvis.models import attention as att
+from seqvis.models.common import lengths_to_valid
 
 
 def np_softmax(x, axis=-1):
@@ -66,7 +67,7 @@ def test_shape_errors():
 def test_masks():
     c = np.asarray(att.make_causal_mask(4))
     np.testing.assert_array_equal(c, np.tril(np.ones((4, 4), bool)))
-    valid = att.lengths_to_valid(jnp.array([2, 4]), 4)
+    valid = lengths_to_valid(jnp.array([2, 4]), 4)
     np.testing.assert_array_equal(valid, [[1, 1, 0, 0], [1, 1, 1, 1]])
     pm = att.make_padding_mask(valid)
     assert pm.shape == (2, 1, 4, 4)
@@ -118,7 +119,7 @@ def test_causal_mask_future_does_not_leak():
 def test_padding_mask_ignores_padded_keys():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(2, 5, 8)).astype(np.float32)
-    valid = att.lengths_to_valid(jnp.array([3, 5]), 5)
+    valid = lengths_to_valid(jnp.array([3, 5]), 5)
     model = _mha()
     params = _init(model, x)
     mask = att.make_padding_mask(valid)
@@ -142,7 +143,7 @@ def test_cross_attention_shapes():
 def test_fused_equals_plain():
     rng = np.random.default_rng(4)
     x = rng.normal(size=(2, 7, 16)).astype(np.float32)
-    valid = att.lengths_to_valid(jnp.array([5, 7]), 7)
+    valid = lengths_to_valid(jnp.array([5, 7]), 7)
     mask = att.make_padding_mask(valid)
     plain = att.MultiHeadAttention(num_heads=4)
     fused = att.MultiHeadAttention(num_heads=4, use_fused=True)

@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 
 from seqvis.analysis import attention_maps as am
+from seqvis.evaluation import grounding
 from seqvis.data.builders import fashion_scenes as fs
-from seqvis.data.tokenizer import Tokenizer, VocabularyError
+from seqvis.data.tokenizer import Tokenizer
+from seqvis.errors import VocabularyError
 from seqvis.models import captioning as cap
+from seqvis.models import decoding
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -314,13 +317,13 @@ def test_beam_search_hand_worked_example_beats_greedy():
     p[5, EOS] = p[EOS, EOS] = 1.0
     model = Markov(table=tuple(map(tuple, np.log(p).tolist())))
     images = jnp.zeros((1, 2, 2, 1))
-    g = cap.greedy_decode(model, {}, images, max_steps=4, bos_id=BOS, eos_id=EOS, pad_id=PAD)
+    g = decoding.greedy_decode(model, {}, images, max_steps=4, bos_id=BOS, eos_id=EOS, pad_id=PAD)
     assert g["tokens"][0].tolist() == [3, EOS, PAD, PAD]  # greedy: "a" then <eos>: p = .15
     np.testing.assert_allclose(g["logprob"][0], math.log(.5 * .3), rtol=1e-4)
-    b = cap.beam_search(model, {}, images, beam_size=2, max_steps=4, bos_id=BOS, eos_id=EOS, pad_id=PAD)
+    b = decoding.beam_search(model, {}, images, beam_size=2, max_steps=4, bos_id=BOS, eos_id=EOS, pad_id=PAD)
     assert b["tokens"][0].tolist() == [4, EOS, PAD, PAD]  # beam 2: "b" then <eos>: p = .36
     np.testing.assert_allclose(b["logprob"][0], math.log(.4 * .9), rtol=1e-4)
-    b1 = cap.beam_search(model, {}, images, beam_size=1, max_steps=4, bos_id=BOS, eos_id=EOS, pad_id=PAD)
+    b1 = decoding.beam_search(model, {}, images, beam_size=1, max_steps=4, bos_id=BOS, eos_id=EOS, pad_id=PAD)
     assert b1["tokens"][0].tolist() == g["tokens"][0].tolist()
 
 
@@ -333,7 +336,7 @@ def test_beam_search_matches_reference_implementation(k, alpha):
         table = rng.normal(0, 1.5, (vocab, vocab))
         table[:, EOS] += rng.normal(0, 1.0)
         model = Markov(table=tuple(map(tuple, table.tolist())))
-        out = cap.beam_search(model, {}, jnp.zeros((1, 1, 1, 1)), beam_size=k, max_steps=steps, bos_id=BOS,
+        out = decoding.beam_search(model, {}, jnp.zeros((1, 1, 1, 1)), beam_size=k, max_steps=steps, bos_id=BOS,
                               eos_id=EOS, pad_id=PAD, alpha=alpha)
         score, lp, seq = reference_beam(lambda prev: _log_softmax_np(table[prev]), k, steps, alpha)
         assert out["tokens"][0].tolist() == _pad(seq, steps), trial
@@ -347,7 +350,7 @@ def test_eos_handling_and_max_steps():
     table[BOS, 3] = table[3, 4] = table[4, EOS] = 5.0  # bos -> 3 -> 4 -> eos
     table[5, 5] = 5.0                                   # a word that never ends
     model = Markov(table=tuple(map(tuple, table.tolist())))
-    g = cap.greedy_decode(model, {}, jnp.zeros((1, 1, 1, 1)), max_steps=6, bos_id=BOS, eos_id=EOS, pad_id=PAD)
+    g = decoding.greedy_decode(model, {}, jnp.zeros((1, 1, 1, 1)), max_steps=6, bos_id=BOS, eos_id=EOS, pad_id=PAD)
     assert g["tokens"][0].tolist() == [3, 4, EOS, PAD, PAD, PAD]
     want = sum(_log_softmax_np(table[a])[b] for a, b in ((BOS, 3), (3, 4), (4, EOS)))
     np.testing.assert_allclose(g["logprob"][0], want, rtol=1e-4, atol=1e-6)  # nothing added after <eos>
@@ -355,9 +358,9 @@ def test_eos_handling_and_max_steps():
     table[[BOS, 3, 5], 5] = 5.0
     table[[BOS, 3, 5], 3] = 4.0
     model = Markov(table=tuple(map(tuple, table.tolist())))
-    for out in (cap.greedy_decode(model, {}, jnp.zeros((1, 1, 1, 1)), max_steps=4, bos_id=BOS, eos_id=EOS,
+    for out in (decoding.greedy_decode(model, {}, jnp.zeros((1, 1, 1, 1)), max_steps=4, bos_id=BOS, eos_id=EOS,
                                   pad_id=PAD),
-                cap.beam_search(model, {}, jnp.zeros((1, 1, 1, 1)), beam_size=2, max_steps=4, bos_id=BOS,
+                decoding.beam_search(model, {}, jnp.zeros((1, 1, 1, 1)), beam_size=2, max_steps=4, bos_id=BOS,
                                 eos_id=EOS, pad_id=PAD)):
         assert out["tokens"][0].tolist() == [5, 5, 5, 5]  # no <eos> within max_steps: cut at max_steps
 
@@ -368,7 +371,7 @@ def test_batched_decoding_equals_one_at_a_time_markov():
     model = Markov(table=tuple(map(tuple, rng.normal(0, 1, (vocab, vocab)).tolist())),
                    bias=tuple(map(tuple, rng.normal(0, 2, (vocab, vocab)).tolist())))
     images = jnp.asarray(rng.normal(0, 1, (5, 1, 1, 1)), jnp.float32)
-    for fn in (functools_partial(cap.greedy_decode), functools_partial(cap.beam_search, beam_size=3)):
+    for fn in (functools_partial(decoding.greedy_decode), functools_partial(decoding.beam_search, beam_size=3)):
         batch = fn(model, {}, images, max_steps=steps, bos_id=BOS, eos_id=EOS, pad_id=PAD)
         assert len({tuple(r) for r in np.asarray(batch["tokens"]).tolist()}) > 1  # images really differ
         for i in range(5):
@@ -388,9 +391,9 @@ def test_real_models_beam1_equals_greedy_and_batched_equals_single(name):
     images, tokens = _data(b=4, seed=5)
     v = model.init(jax.random.key(2), images, tokens)
     common = dict(max_steps=T, bos_id=BOS, eos_id=EOS, pad_id=PAD)
-    greedy = jax.jit(functools_partial(cap.greedy_decode, model, **common))
-    beam1 = jax.jit(functools_partial(cap.beam_search, model, beam_size=1, **common))
-    beam3 = jax.jit(functools_partial(cap.beam_search, model, beam_size=3, **common))
+    greedy = jax.jit(functools_partial(decoding.greedy_decode, model, **common))
+    beam1 = jax.jit(functools_partial(decoding.beam_search, model, beam_size=1, **common))
+    beam3 = jax.jit(functools_partial(decoding.beam_search, model, beam_size=3, **common))
     g, b1, b3 = greedy(v, images), beam1(v, images), beam3(v, images)
     np.testing.assert_array_equal(g["tokens"], b1["tokens"])
     np.testing.assert_allclose(g["logprob"], b1["logprob"], rtol=1e-5, atol=1e-5)
@@ -427,14 +430,14 @@ def test_grounding_counts_hand_worked():
     att[0, 6, 3] = 1  # colour "blue" -> (30, 30): the blue item (sneaker)    grounded
     att[1, 1, 1] = 1  # colour "blue" -> (10, 30): the blue bag is lower left not grounded
     # image 1, "red" at t=5: argmax of an all-zero row is region 0 = (10, 10): not in the red bag's box
-    c = am.grounding_counts(words, att, labels, cols, boxes, grid=(2, 2), image_hw=(40, 40),
+    c = grounding.grounding_counts(words, att, labels, cols, boxes, grid=(2, 2), image_hw=(40, 40),
                             noun_classes=nouns, colour_ids=colours)
     assert c == {"item_words": 5, "with_referent": 4, "grounded": 2,
                  "colour_words": 4, "colour_with_referent": 4, "colour_grounded": 2}
-    s = am.grounding_scores(c)
+    s = grounding.grounding_scores(c)
     assert s["grounding"] == pytest.approx(0.5) and s["item_word_precision"] == pytest.approx(0.8)
     assert s["grounding_colour"] == pytest.approx(0.5)
-    np.testing.assert_allclose(am.region_centres((2, 2), (40, 40)), [[10, 10], [10, 30], [30, 10], [30, 30]])
+    np.testing.assert_allclose(grounding.region_centres((2, 2), (40, 40)), [[10, 10], [10, 30], [30, 10], [30, 30]])
 
 
 def test_region_geometry_matches_the_receptive_field_centres():
@@ -446,7 +449,7 @@ def test_region_geometry_matches_the_receptive_field_centres():
     v = enc.init(jax.random.key(1), x)
     grid = enc.apply(v, x).shape[1:3]
     assert grid == (10, 10)
-    centres = am.region_centres(grid, (160, 160), cap.region_geometry(enc, (160, 160), grid))
+    centres = grounding.region_centres(grid, (160, 160), cap.region_geometry(enc, (160, 160), grid))
     for r, c in ((4, 5), (5, 4), (6, 6)):  # receptive fields (99 px) inside the image
         # union over 6 images: max-pooling routes each image's gradient to a data-dependent subset
         g = np.abs(np.asarray(jax.grad(lambda im: enc.apply(v, im)[:, r, c].sum())(x))).sum((0, -1))

@@ -7,12 +7,12 @@ import os
 
 import pytest
 
-from seqvis.analysis.caption_metrics import bleu, cider_d
+from seqvis.evaluation.caption_metrics import bleu, cider_d
 from seqvis.data import pipeline as data_lib
-from seqvis.data.tokenizer import VocabularyError
 from seqvis.train import checkpoint as ckpt_lib
 from seqvis.train.captioning import CaptioningTask, evaluate_workdir
-from seqvis.train.trainer import ConfigError, train_and_evaluate
+from seqvis.errors import ConfigError, VocabularyError
+from seqvis.train.trainer import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TRAIN, N_TEST = 48, 16

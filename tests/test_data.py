@@ -12,6 +12,7 @@ from seqvis.data import pipeline, preprocess
 from seqvis.data import video_ops  # noqa: F401 - registers the video ops (test_sizes_are_an_int_or_a_pair)
 from seqvis.data.builders import idx
 from seqvis.data.presets import data_config
+from seqvis.errors import DataError, IdxError
 
 from test_train import toy_split, write_idx
 
@@ -48,12 +49,12 @@ def test_idx_round_trip_and_header_checks(tmp_path):
     write_idx(tmp_path / "a.gz", a)
     np.testing.assert_array_equal(idx.read_idx(str(tmp_path / "a.gz")), a)
     (tmp_path / "bad").write_bytes(b"\x12\x34\x08\x01\x00\x00\x00\x01\x00")
-    with pytest.raises(idx.IdxError, match="not an IDX file"):
+    with pytest.raises(IdxError, match="not an IDX file"):
         idx.read_idx(str(tmp_path / "bad"))
     with gzip.open(tmp_path / "a.gz", "rb") as f:
         raw = f.read()
     (tmp_path / "short").write_bytes(raw[:-5])
-    with pytest.raises(idx.IdxError, match="truncated or corrupt"):
+    with pytest.raises(IdxError, match="truncated or corrupt"):
         idx.read_idx(str(tmp_path / "short"))
 
 
@@ -74,12 +75,12 @@ def test_builder_features_match_the_catalogue(cfg):
 
 
 def test_dataset_errors(tmp_path):
-    with pytest.raises(pipeline.DataError, match="config.data.name='no_such_dataset'"):
+    with pytest.raises(DataError, match="config.data.name='no_such_dataset'"):
         bad = data_config("cifar10")
         bad.name = "no_such_dataset"
         pipeline.get_builder(bad)
     empty = data_config("cifar10", data_dir=str(tmp_path / "empty"))
-    with pytest.raises(pipeline.DataError, match=r"(?s)not prepared.*tfds build cifar10"):
+    with pytest.raises(DataError, match=r"(?s)not prepared.*tfds build cifar10"):
         next(pipeline.eval_iterator(empty, global_batch_size=8, local_device_count=1))
 
 
@@ -251,7 +252,7 @@ def test_explicit_idx_dir_is_honoured_or_refused(idx_dir, tmp_path, monkeypatch)
     other = tmp_path / "other"
     shutil.copytree(idx_dir, other)
     c.idx_dir = str(other)
-    with pytest.raises(idx.IdxError, match=r"(?s)config.data.idx_dir=.*other.*is not used.*prepared from .*"
+    with pytest.raises(IdxError, match=r"(?s)config.data.idx_dir=.*other.*is not used.*prepared from .*"
                                            r"Set another --config.data.data_dir"):
         pipeline.get_builder(c)
     c.data_dir = str(tmp_path / "tfds2")

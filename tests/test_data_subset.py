@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from seqvis.data import pipeline
+from seqvis.data import pipeline, sources
 from seqvis.data.presets import data_config
 from seqvis.data.subset import subset_indices
 from seqvis.errors import ConfigError
@@ -186,4 +186,4 @@ def test_labels_read_without_the_cache_equal_the_file(idx_dir, tmp_path_factory)
     builder = pipeline.get_builder(cfg)
     rows = rows_in_split_order(cfg)
     assert sorted(rows.tolist()) == list(range(N_TRAIN))
-    assert pipeline.split_labels(builder, "train", cfg).tolist() == file_labels(idx_dir)[rows].tolist()
+    assert sources.split_labels(builder, "train", cfg).tolist() == file_labels(idx_dir)[rows].tolist()

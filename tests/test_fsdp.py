@@ -233,7 +233,7 @@ def _worker(idx, workdir, devices):
 
 
 def test_sharded_checkpoint_from_8_devices_resumes_on_4(tmp_path):
-    from seqvis.train.pretrained import _read as read_checkpoint_params
+    from seqvis.train.pretrained import read_tree as read_checkpoint_params
 
     idx = tmp_path / "idx"
     idx.mkdir()

@@ -294,3 +294,32 @@ def test_every_module_imports_in_a_fresh_interpreter(order):
     # matplotlib is loaded at all is not seqvis' to decide: TensorFlow's bundled Keras imports it
     # when it is installed. That seqvis' own hot path does not is the static test above.)
     assert state["backend"] == "pdf", state["backend"]
+
+
+def _unused_seqvis_imports(tree: ast.AST) -> list[str]:
+    """Names a module takes from a seqvis module (module-level ``from seqvis... import``) and never uses."""
+    imported = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("seqvis"):
+            for a in node.names:
+                imported[a.asname or a.name] = f"{node.module}.{a.name}"
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    used |= {n.value.id for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
+    exported = set()
+    for node in tree.body:  # __all__ = [...] states an export on purpose
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in node.targets):
+            exported |= {e.value for e in getattr(node.value, "elts", []) if isinstance(e, ast.Constant)}
+    return sorted(full for name, full in imported.items() if name not in used and name not in exported)
+
+
+def test_no_module_re_exports_another_modules_names():
+    """Every name has one home: no library module imports a name only to make it importable from there (an
+    "old home"), so tests and users import from the real one. Package ``__init__`` files may export on purpose."""
+    found = {m: names for m, tree in TREES.items() if m in MODULES and not MODULES[m].endswith("__init__.py")
+             for names in [_unused_seqvis_imports(tree)] if names}
+    assert not found, found
+
+
+def test_the_re_export_check_sees_one():
+    tree = ast.parse("from seqvis.errors import ConfigError, DataError\n\ndef f():\n    raise DataError('x')\n")
+    assert _unused_seqvis_imports(tree) == ["seqvis.errors.ConfigError"]

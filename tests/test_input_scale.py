@@ -20,8 +20,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from seqvis.data import pipeline, preprocess
+from seqvis.data import pipeline, preprocess, sources
 from seqvis.data.presets import data_config
+from seqvis.errors import DataError
 
 import childproc
 from test_train import toy_split, write_idx
@@ -75,10 +76,10 @@ def test_split_files_are_imagenet_like(cfg):
 
 def test_cache_policy_from_the_dataset_info(cfg, tmp_path):
     b = pipeline.get_builder(cfg)
-    cached, why = pipeline.cache_plan(b, "train", cfg)
+    cached, why = sources.cache_plan(b, "train", cfg)
     assert not cached and "unknown" in why  # images of any size: never cached decoded
-    with pytest.raises(pipeline.DataError, match="config.data.cache='memory'"):
-        pipeline.cache_plan(b, "train", small(cfg, cache="memory"))
+    with pytest.raises(DataError, match="config.data.cache='memory'"):
+        sources.cache_plan(b, "train", small(cfg, cache="memory"))
     # A Fashion-MNIST-shaped set: 28x28x1 uint8 image + int64 label per example, sizes from the info.
     d = tmp_path / "idx"
     d.mkdir()
@@ -88,13 +89,13 @@ def test_cache_policy_from_the_dataset_info(cfg, tmp_path):
         write_idx(d / f"{prefix}-labels-idx1-ubyte.gz", labels)
     fm = data_config("fashion_mnist", idx_dir=str(d), data_dir=str(tmp_path / "tfds"))
     fb = pipeline.get_builder(fm)
-    assert pipeline.decoded_bytes(fb, "train", fm) == 96 * (28 * 28 + 8)
-    assert pipeline.cache_plan(fb, "train", fm)[0]  # 72 KB fits a quarter of any host's RAM
+    assert sources.decoded_bytes(fb, "train", fm) == 96 * (28 * 28 + 8)
+    assert sources.cache_plan(fb, "train", fm)[0]  # 72 KB fits a quarter of any host's RAM
     fm.cache_max_gb = 50e3 / 2**30  # 50 kB budget
-    cached, why = pipeline.cache_plan(fb, "train", fm)
+    cached, why = sources.cache_plan(fb, "train", fm)
     assert not cached and "cache_max_gb" in why
     fm.cache = "none"
-    assert pipeline.cache_plan(fb, "train", fm) == (False, "config.data.cache='none'")
+    assert sources.cache_plan(fb, "train", fm) == (False, "config.data.cache='none'")
 
 
 def test_first_batch_without_counting_pass_and_images_decoded_late(cfg, monkeypatch):
@@ -102,17 +103,17 @@ def test_first_batch_without_counting_pass_and_images_decoded_late(cfg, monkeypa
     decoders = pipeline.decoders_for(b, cfg.pp_train)
     assert isinstance(decoders["image"], tfds.decode.SkipDecoding)
     src = pipeline.train_source(cfg, b, "train", decoders)
-    assert isinstance(src, pipeline.RecordSource)
+    assert isinstance(src, sources.RecordSource)
 
     def no_full_pass(*a, **k):
         raise AssertionError("a pass over the whole split before the first batch")
 
-    monkeypatch.setattr(pipeline.RecordSource, "in_order", no_full_pass)
+    monkeypatch.setattr(sources.RecordSource, "in_order", no_full_pass)
     batch = stream(cfg, 0, 1, source=src)[0]
     assert batch["image"].shape == (1, BATCH, 224, 224, 3) and batch["image"].dtype == np.float32
     # the first batch and what the stream may read ahead, not the split
     assert src.reads <= (1 + pipeline.read_ahead_batches(cfg)) * BATCH < N_TRAIN
-    assert not any(k[0] == "synthetic_jpeg" for k in pipeline._COUNTED)
+    assert not any(k[0] == "synthetic_jpeg" for k in sources.COUNTED)
 
 
 def test_resume_mid_epoch_is_exact_and_reads_one_batch(cfg):
@@ -207,7 +208,7 @@ def test_memory_and_random_access_sources_give_the_same_batches(tmp_path):
     memory = pipeline.train_source(c, b, "train", None)
     c.cache = "none"
     records = pipeline.train_source(c, b, "train", pipeline.decoders_for(b, c.pp_train))
-    assert isinstance(memory, pipeline.MemorySource) and isinstance(records, pipeline.RecordSource)
+    assert isinstance(memory, sources.MemorySource) and isinstance(records, sources.RecordSource)
     for src_a, src_b in ((memory, records),):
         for x, y in zip(stream(c, 3, 4, source=src_a), stream(c, 3, 4, source=src_b)):
             np.testing.assert_array_equal(x["image"], y["image"])
@@ -294,7 +295,7 @@ def test_imagenet_recipes_never_cache_decoded_images(tmp_path):
         assert "resize_small(256)|central_crop(224)" in c.pp_eval
         with tfds.testing.mock_data(num_examples=8):
             b = pipeline.get_builder(c)
-            assert pipeline.cache_plan(b, c.train_split, c) == (False, "config.data.cache='none'")
+            assert sources.cache_plan(b, c.train_split, c) == (False, "config.data.cache='none'")
             assert isinstance(pipeline.decoders_for(b, c.pp_train)["image"], tfds.decode.SkipDecoding)
             batch = next(pipeline.train_iterator(c, global_batch_size=8, seed=0, local_device_count=1))
         assert batch["image"].shape == (1, 8, 224, 224, 3) and batch["image"].dtype == np.float32

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from seqvis.train.pretrained import _read as read_checkpoint_params
+from seqvis.train.pretrained import read_tree as read_checkpoint_params
 
 import childproc
 from test_train import toy_split, write_idx

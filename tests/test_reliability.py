@@ -19,8 +19,9 @@ from seqvis.data.presets import data_config
 from seqvis.train import checkpoint as ckpt_lib
 from seqvis.train.defaults import base_config
 from seqvis.train.metrics import truncate_jsonl
-from seqvis.train.pretrained import _read as read_checkpoint_params
-from seqvis.train.trainer import ConfigError, TrainingInterrupted, train_and_evaluate
+from seqvis.train.pretrained import read_tree as read_checkpoint_params
+from seqvis.errors import CheckpointError, ConfigError, IdxError
+from seqvis.train.trainer import TrainingInterrupted, train_and_evaluate
 
 N_TRAIN, N_TEST = 256, 64
 
@@ -151,7 +152,7 @@ def test_case2_keep_checkpoints_zero_is_refused(idx_dir, data_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"config.keep_checkpoints=0 must be >= 1"):
         train_and_evaluate(tiny(idx_dir, data_dir, keep_checkpoints=0), str(workdir))
     assert not workdir.exists()
-    with pytest.raises(ckpt_lib.CheckpointError, match="keep_checkpoints=0"):
+    with pytest.raises(CheckpointError, match="keep_checkpoints=0"):
         ckpt_lib.Checkpointer(str(tmp_path / "direct"), keep=0)
 
 
@@ -187,7 +188,7 @@ def test_case4_refused_resume_writes_nothing(idx_dir, data_dir, tmp_path):
     config_json = open(os.path.join(workdir, "config.json")).read()
     other = tiny(idx_dir, data_dir, total_steps=4)
     other.model.width = 64
-    with pytest.raises(ckpt_lib.CheckpointError, match=r"(?s)different experiment.*config.model: saved"):
+    with pytest.raises(CheckpointError, match=r"(?s)different experiment.*config.model: saved"):
         train_and_evaluate(other, workdir)
     assert listing(workdir) == before
     assert open(os.path.join(workdir, "config.json")).read() == config_json
@@ -238,7 +239,7 @@ def test_case7_optimizer_structure_change_is_named_not_called_unreadable(idx_dir
     before = listing(workdir)
     config = tiny(idx_dir, data_dir, total_steps=6)
     config.optimizer.grad_clip_norm = 0.0  # saved with clipping on (1.0)
-    with pytest.raises(ckpt_lib.CheckpointError) as e:
+    with pytest.raises(CheckpointError) as e:
         train_and_evaluate(config, workdir)
     msg = str(e.value)
     assert "config.optimizer.grad_clip_norm: saved 1.0 (grad_clip_norm on), now 0.0 (off)" in msg
@@ -252,7 +253,7 @@ def test_case7_data_stream_change_is_refused_with_one_line_per_field(idx_dir, da
     before = listing(workdir)
     config = tiny(idx_dir, data_dir, total_steps=6, batch_size=64, seed=3)
     config.data.pp_train = "decode|flip_lr|value_range(-1, 1)"
-    with pytest.raises(ckpt_lib.CheckpointError) as e:
+    with pytest.raises(CheckpointError) as e:
         train_and_evaluate(config, workdir)
     msg = str(e.value)
     assert "config.batch_size: saved 32, now 64. To resume exactly: --config.batch_size=32." in msg
@@ -278,7 +279,7 @@ def test_case7_process_count_and_data_position_are_read_back(idx_dir, data_dir, 
     config = tiny(idx_dir, data_dir, total_steps=6)
     meta = read_meta(workdir, 4)
     write_meta(workdir, 4, dict(meta, process_count=2))
-    with pytest.raises(ckpt_lib.CheckpointError, match=r"process count: saved 2, now 1"):
+    with pytest.raises(CheckpointError, match=r"process count: saved 2, now 1"):
         train_and_evaluate(config, workdir)
     # A data position that disagrees with its step: that checkpoint is not used (moved
     # aside), the older one is.
@@ -301,7 +302,7 @@ def test_case8_all_checkpoints_unreadable_is_one_message_and_nothing_moves(idx_d
                 with open(os.path.join(root, name), "wb") as f:
                     f.write(b"garbage")
     before = listing(workdir)
-    with pytest.raises(ckpt_lib.CheckpointError) as e:
+    with pytest.raises(CheckpointError) as e:
         train_and_evaluate(tiny(idx_dir, data_dir, total_steps=6), workdir)
     msg = str(e.value)
     assert msg.startswith(f"No checkpoint in {workdir}/checkpoints can be used")
@@ -327,7 +328,7 @@ def test_case8_reading_for_init_from_and_evaluation_skips_an_unreadable_step_and
     config = json.load(open(os.path.join(workdir, "config.json")))
     assert set(ckpt_lib.restore_variables(workdir, config)) == {"params"}
     config["model"]["width"] = 2 * config["model"]["width"]
-    with pytest.raises(ckpt_lib.CheckpointError, match=r"another experiment.*\n  config.model: saved"):
+    with pytest.raises(CheckpointError, match=r"another experiment.*\n  config.model: saved"):
         ckpt_lib.restore_variables(workdir, config)
     assert listing(workdir) == before
 
@@ -347,7 +348,7 @@ def test_case8_bad_idx_file_gives_one_message_naming_it(tmp_path, content, messa
     elif content == "truncated-raw":
         content = raw[:-3]
     path.write_bytes(content)
-    with pytest.raises(idx_lib.IdxError, match=message) as e:
+    with pytest.raises(IdxError, match=message) as e:
         idx_lib.read_idx(str(path))
     assert str(path) in str(e.value)
 
@@ -455,7 +456,7 @@ def test_case9_full_disk_cleans_up_and_resume_logs_each_step_once(idx_dir, data_
     monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save)
     config = tiny(idx_dir, data_dir, total_steps=6, log_every_steps=1, async_checkpointing=True)
     try:
-        with pytest.raises(ckpt_lib.CheckpointError) as e:
+        with pytest.raises(CheckpointError) as e:
             train_and_evaluate(config, workdir)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

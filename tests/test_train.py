@@ -16,8 +16,9 @@ import pytest
 from seqvis.data.presets import data_config
 from seqvis.train import checkpoint as ckpt_lib
 from seqvis.train.defaults import base_config
-from seqvis.train.pretrained import _read as read_checkpoint_params
-from seqvis.train.trainer import ConfigError, train_and_evaluate
+from seqvis.train.pretrained import read_tree as read_checkpoint_params
+from seqvis.errors import CheckpointError, ConfigError
+from seqvis.train.trainer import train_and_evaluate
 
 N_TRAIN, N_TEST = 512, 203  # 203: not a multiple of any eval batch used below
 
@@ -154,7 +155,7 @@ def test_checkpoint_from_another_model_is_refused(idx_dir, tmp_path):
     train_and_evaluate(tiny_config(idx_dir, tmp_path, total_steps=4), workdir)
     other = tiny_config(idx_dir, tmp_path, total_steps=8)
     other.model.width = 64
-    with pytest.raises(ckpt_lib.CheckpointError, match=r"(?s)different experiment.*model: saved"):
+    with pytest.raises(CheckpointError, match=r"(?s)different experiment.*model: saved"):
         train_and_evaluate(other, workdir)
     assert ckpt_lib.Checkpointer(workdir).steps() == [4]  # nothing lost
 

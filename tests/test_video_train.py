@@ -16,7 +16,8 @@ from test_train import write_idx
 from seqvis.data import pipeline
 from seqvis.data.builders import moving_fashion as mf
 from seqvis.train.tasks import get_task
-from seqvis.train.trainer import ConfigError, train_and_evaluate
+from seqvis.errors import ConfigError
+from seqvis.train.trainer import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMES, SIZE, N_TRAIN, N_TEST = 6, 16, 64, 37  # 37: the last eval batch is padded

@@ -7,7 +7,8 @@ import pytest
 
 from seqvis.models import transformer as tr
 from seqvis.models import vit
-from seqvis.models.common import count_params, pair
+from seqvis.models.common import count_params
+from seqvis.utils import pair
 
 # Published sizes at 224 px, 1000 classes, class token, learned posemb, no pre-logits.
 PUBLISHED = {

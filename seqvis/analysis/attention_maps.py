@@ -1,8 +1,8 @@
-"""Where a captioner looks: per-word attention-map pictures (and the grounding scores, re-exported).
+"""Where a captioner looks: per-word attention-map pictures.
 
 The grounding scores (the argmax region of the attention that produced an item word, tested
 against that item's box) are computed in :mod:`seqvis.evaluation.grounding`, which the
-captioning task's final evaluation uses; they are re-exported here.
+captioning task's final evaluation uses.
 
 Pictures (command)::
 
@@ -24,8 +24,7 @@ import jax
 import numpy as np
 
 from seqvis.data import pipeline as data_lib
-from seqvis.evaluation.grounding import (  # noqa: F401 - re-exported
-    COUNT_KEYS, grounding_counts, grounding_scores, region_centres, resolve_geometry)
+from seqvis.evaluation.grounding import resolve_geometry
 from seqvis.models.captioning import region_geometry
 from seqvis.models.decoding import make_decoder
 from seqvis.train import captioning as cap_task

@@ -1,7 +1,7 @@
 """tfds dataset -> tf.data pipeline -> numpy batches ``[local_devices, per_device_batch, ...]``.
 
 Where training examples come from (chosen per run and logged; the sources and the cache
-policy are in :mod:`seqvis.data.sources`, re-exported here):
+policy are in :mod:`seqvis.data.sources`):
 
 - ``memory``: the split decoded once into host arrays. Chosen by the cache policy
   (``config.data.cache``): ``"auto"`` (default) caches only when every feature has a
@@ -51,12 +51,8 @@ import numpy as np
 from seqvis.data import preprocess
 from seqvis.data import subset as subset_lib
 from seqvis.data.builders import LOCAL_BUILDERS, local_builder_class
-from seqvis.data.sources import COUNTED as _COUNTED  # noqa: F401 - the old name of the same dict
 from seqvis.data.sources import as_dataset, host_tf as _tf, image_keys, split_size, train_source
-# Re-exported: their old home (seqvis.data.pipeline.RecordSource etc. keep working).
-from seqvis.data.sources import (MemorySource, RecordSource, SubsetSource, cache_plan, decoded_bytes,  # noqa: F401
-                                 host_memory_bytes, split_labels, training_subset)
-from seqvis.errors import DataError  # also importable from here, its old home
+from seqvis.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import jax
 import jax.extend.core  # noqa: F401 - jax.extend.core.ClosedJaxpr / jaxpr_as_fun
 
-from seqvis.models.common import pair
+from seqvis.utils import pair
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqvis.models.common import lengths_to_valid  # noqa: F401 - the padding masks' input, importable here too
 
 Array = jax.Array
 Dtype = Any

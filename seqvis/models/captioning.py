@@ -32,8 +32,7 @@ sown as ``intermediates/core/attention`` for every step.
 Cross-attention weights are sown by each block (``.../CrossAttention/attention_weights``);
 grounding reads the last block's, averaged over heads.
 
-**Decoding** (:mod:`seqvis.models.decoding`: jit-compiled, batched greedy and beam search;
-re-exported here). Each model has ``encode(images) -> memory``, ``init_state(memory) -> state``
+**Decoding** (:mod:`seqvis.models.decoding`: jit-compiled, batched greedy and beam search). Each model has ``encode(images) -> memory``, ``init_state(memory) -> state``
 and ``step(memory, state, y_{t-1}, t) -> (logits [B, V], state)``, whose logits equal the
 teacher-forced logits for the same prefix: the LSTMs run the same cell; the transformer (with
 ``kv_cache=True``, the default) keeps every layer's self-attention keys/values
@@ -52,7 +51,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqvis.models.decoding import beam_search, greedy_decode, length_penalty, make_decoder  # noqa: F401
 from seqvis.models.recurrent import LSTMCell, Recurrent
 from seqvis.models.resnet import ResNetEncoder
 from seqvis.models.transformer import Decoder, LearnedPositionEmbedding

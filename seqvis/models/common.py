@@ -1,4 +1,4 @@
-"""Small helpers shared by the models: lengths -> validity masks, int-or-pair sizes, parameter counting
+"""Small helpers shared by the models: lengths -> validity masks and parameter counting
 without allocating memory."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqvis.utils import pair  # noqa: F401 - the one int-or-pair rule, jax-free so the data layer shares it
 
 
 def lengths_to_valid(lengths: jax.Array, max_length: int) -> jax.Array:

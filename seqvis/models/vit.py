@@ -36,10 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqvis.models.common import pair
 from seqvis.models.resnet import ResNetEncoder  # the trunk of the hybrids
 from seqvis.models.attention import MultiHeadAttention
 from seqvis.models.transformer import Encoder, MlpBlock
+from seqvis.utils import pair
 
 Array = jax.Array
 Dtype = Any

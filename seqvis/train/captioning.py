@@ -54,7 +54,6 @@ from seqvis.models import captioning as cap
 from seqvis.models import vit
 from seqvis.models.resnet import ResNetEncoder
 from seqvis.train import captioning_eval
-from seqvis.train.captioning_eval import token_words  # noqa: F401 - importable here, its old home
 from seqvis.train.checkpoint import restore_variables
 from seqvis.train.step import AXIS
 from seqvis.train.precision import compute_dtype

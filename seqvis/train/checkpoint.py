@@ -39,7 +39,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from seqvis.errors import CheckpointError  # noqa: F401 - re-exported: its old home
+from seqvis.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -115,7 +115,7 @@ def _read_seqvis(path: str) -> dict:
     return state["params"]
 
 
-def _read(path: str) -> dict:
+def read_tree(path: str) -> dict:
     """The parameter tree stored at ``path`` (seqvis checkpoint or .npz), before layout conversion."""
     if path.endswith(".npz"):
         return _read_npz(path)
@@ -138,7 +138,7 @@ def read_params(path: str, template: Any | None = None) -> tuple[dict, list[str]
         if heads is None:
             raise ValueError(f"config.init_from={path!r}: timm weights load into a ViT (config.model.name='vit').")
         return timm_io.timm_to_seqvis(sd, heads)
-    tree = _read(path)
+    tree = read_tree(path)
     return (normalize_layout(tree) if path.endswith(".npz") else tree), []
 
 

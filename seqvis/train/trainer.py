@@ -22,7 +22,7 @@ import numpy as np
 
 from seqvis.data import subset as subset_lib
 from seqvis.data.sources import check_cache_budget
-from seqvis.errors import ConfigError  # noqa: F401 - re-exported: its old home
+from seqvis.errors import ConfigError
 from seqvis.evaluation.flops import forward_flops_per_example
 from seqvis.models.common import num_params
 from seqvis.train import branch as branch_lib

@@ -18,7 +18,7 @@ import zlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from seqvis.errors import IdxError  # noqa: F401 - re-exported: its old home
+from seqvis.errors import IdxError
 
 FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                  "Bag", "Ankle boot"]

@@ -48,7 +48,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from seqvis.data.builders.idx import FASHION_NAMES, load_split
-from seqvis.errors import MovingClipsError  # noqa: F401 - re-exported: its old home
+from seqvis.errors import MovingClipsError
 
 MOTIONS = ("left", "right", "up", "down", "growing", "shrinking", "clockwise", "anticlockwise")
 REVERSED_LABEL = (1, 0, 3, 2, 5, 4, 7, 6)  # label of the time-reversed clip
