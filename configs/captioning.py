@@ -1,9 +1,9 @@
 """Image captioning: Show and Tell, Show Attend and Tell, transformer decoder.
 
-    python -m seqvis.main --config=configs/captioning.py:show_attend_tell --workdir=DIR
-    python -m seqvis.main --config=configs/captioning.py:show_and_tell --workdir=DIR
-    python -m seqvis.main --config=configs/captioning.py:transformer --workdir=DIR
-    python -m seqvis.main --config=configs/captioning.py:transformer,coco,vit --workdir=DIR
+    python -m seqvis.cli.train --config=configs/captioning.py:show_attend_tell --workdir=DIR
+    python -m seqvis.cli.train --config=configs/captioning.py:show_and_tell --workdir=DIR
+    python -m seqvis.cli.train --config=configs/captioning.py:transformer --workdir=DIR
+    python -m seqvis.cli.train --config=configs/captioning.py:transformer,coco,vit --workdir=DIR
 
 The argument is ``MODEL[,DATASET][,ENCODER]``: MODEL one of ``show_and_tell``,
 ``show_attend_tell``, ``transformer``; DATASET ``scenes`` (default: the offline Fashion-MNIST

@@ -1,8 +1,8 @@
 """ResNet baselines.
 
-    python -m seqvis.main --config=configs/resnet.py --workdir=DIR                  # ResNet-18, Fashion-MNIST
-    python -m seqvis.main --config=configs/resnet.py:50,imagenet2012 --workdir=DIR  # ResNet-50 v1.5, 90 epochs
-    python -m seqvis.main --config=configs/resnet.py:26,cifar10,group --workdir=DIR # BiT-style GN+WS
+    python -m seqvis.cli.train --config=configs/resnet.py --workdir=DIR                  # ResNet-18, Fashion-MNIST
+    python -m seqvis.cli.train --config=configs/resnet.py:50,imagenet2012 --workdir=DIR  # ResNet-50 v1.5, 90 epochs
+    python -m seqvis.cli.train --config=configs/resnet.py:26,cifar10,group --workdir=DIR # BiT-style GN+WS
 
 The argument is ``DEPTH,DATASET[,NORM]``. ImageNet uses the standard recipe (SGD + Nesterov
 momentum 0.9, lr 0.1 per 256 images, 5 warmup epochs, cosine, weight decay 1e-4 on

@@ -1,8 +1,8 @@
 """Video classification: a CNN per frame (shared weights), then a temporal model.
 
-    python -m seqvis.main --config=configs/video.py:lstm --workdir=DIR          # LRCN on moving items
-    python -m seqvis.main --config=configs/video.py:mean --workdir=DIR          # single-frame baseline
-    python -m seqvis.main --config=configs/video.py:transformer,ucf101 --workdir=DIR --config.data.data_dir=D
+    python -m seqvis.cli.train --config=configs/video.py:lstm --workdir=DIR          # LRCN on moving items
+    python -m seqvis.cli.train --config=configs/video.py:mean --workdir=DIR          # single-frame baseline
+    python -m seqvis.cli.train --config=configs/video.py:transformer,ucf101 --workdir=DIR --config.data.data_dir=D
 
 The argument is ``TEMPORAL[,DATASET]``: TEMPORAL is ``mean``, ``lstm``, ``gru``,
 ``transformer`` or ``tconv``; DATASET is ``moving_fashion`` (default: offline clips of a

@@ -1,9 +1,9 @@
 """ViT classification from scratch.
 
-    python -m seqvis.main --config=configs/vit.py --workdir=DIR            # the default job
-    python -m seqvis.main --config=configs/vit.py:Ti/4,fashion_mnist --workdir=DIR
-    python -m seqvis.main --config=configs/vit.py:S/16,imagenet2012 --workdir=DIR --config.total_steps=1000
-    python -m seqvis.main --config=configs/vit.py:fewshot --workdir=DIR     # + few-shot transfer evaluation
+    python -m seqvis.cli.train --config=configs/vit.py --workdir=DIR            # the default job
+    python -m seqvis.cli.train --config=configs/vit.py:Ti/4,fashion_mnist --workdir=DIR
+    python -m seqvis.cli.train --config=configs/vit.py:S/16,imagenet2012 --workdir=DIR --config.total_steps=1000
+    python -m seqvis.cli.train --config=configs/vit.py:fewshot --workdir=DIR     # + few-shot transfer evaluation
 
 The argument is ``VARIANT/PATCH,DATASET`` (either part optional), and optionally ``fewshot``: a
 few-shot linear-transfer evaluator (1, 5, 10, 25 shots, 3 seeds; seqvis.train.evaluators) on the

@@ -6,7 +6,7 @@ resized to 224 (the paper fine-tunes at 384: set the resize op and the position 
 are resampled automatically). Point ``init_from`` at pretrained weights: an official ViT
 ``.npz`` (e.g. ImageNet-21k B/16) or a seqvis workdir; the head is re-initialised.
 
-    python -m seqvis.main --config=configs/vit_cifar10_finetune.py --workdir=DIR \
+    python -m seqvis.cli.train --config=configs/vit_cifar10_finetune.py --workdir=DIR \
         --config.init_from=/path/ViT-B_16.npz --config.data.data_dir=TFDS_DIR
 """
 

@@ -4,8 +4,8 @@
 linear decay, weight decay 0.3 (multiplied by the lr, as in the paper's Flax optimiser),
 dropout 0.1, global-norm clipping at 1, pre-logits layer of width 768.
 
-    python -m seqvis.main --config=configs/vit_i1k.py --workdir=DIR --config.data.data_dir=TFDS_DIR
-    python -m seqvis.main --config=configs/vit_i1k.py:L/16 ...   # another variant
+    python -m seqvis.cli.train --config=configs/vit_i1k.py --workdir=DIR --config.data.data_dir=TFDS_DIR
+    python -m seqvis.cli.train --config=configs/vit_i1k.py:L/16 ...   # another variant
 """
 
 from seqvis.data.presets import data_config

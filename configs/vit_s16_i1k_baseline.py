@@ -5,7 +5,7 @@ batch 1024, AdamW with lr 1e-3 (10k warmup steps, cosine decay), decoupled weigh
 1e-4 (written here as 0.1 because optax multiplies it by the lr 1e-3), RandAugment(2, 10),
 mixup with α = 0.2, inception crop, no dropout, zero-init head, clipping at 1.
 
-    python -m seqvis.main --config=configs/vit_s16_i1k_baseline.py --workdir=DIR --config.data.data_dir=TFDS_DIR
+    python -m seqvis.cli.train --config=configs/vit_s16_i1k_baseline.py --workdir=DIR --config.data.data_dir=TFDS_DIR
 """
 
 from seqvis.data.presets import data_config

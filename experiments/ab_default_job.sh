@@ -13,7 +13,7 @@ for rep in $(seq "$REPEATS"); do
   for side in old new; do
     dir=$(pwd); [ "$side" = old ] && dir=$OLD_TREE
     wd=$(mktemp -d)/w
-    (cd "$dir" && PYTHONPATH="$dir" TF_CPP_MIN_LOG_LEVEL=2 "$PY" -m seqvis.main --config=configs/vit.py \
+    (cd "$dir" && PYTHONPATH="$dir" TF_CPP_MIN_LOG_LEVEL=2 "$PY" -m seqvis.cli.train --config=configs/vit.py \
        --workdir="$wd" --config.total_steps="$STEPS" --config.progress=False >"$wd.log" 2>&1)
     "$PY" - "$side" "$rep" "$wd" <<'PYEOF'
 import json, sys

@@ -23,10 +23,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from seqvis.config_cli import load_config
+from seqvis.cli.config_cli import load_config
 from seqvis.evaluation.flops import forward_flops_per_example
 from seqvis.train import optim, step as step_lib
-from seqvis.train.tasks import get_task
+from seqvis.tasks.base import get_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -317,11 +317,11 @@ def _vit_runner(w: dict):
     import jax
     import numpy as np
 
-    from seqvis.config_cli import load_config
+    from seqvis.cli.config_cli import load_config
     from seqvis.evaluation.flops import compiled_flops
     from seqvis.models.common import num_params
     from seqvis.train import optim, step as step_lib
-    from seqvis.train.tasks import get_task
+    from seqvis.tasks.base import get_task
 
     config = load_config(os.path.join(REPO, "configs", "vit.py") + (f":{w['config']}" if w["config"] else ""))
     config.batch_size = w["batch"]

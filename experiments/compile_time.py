@@ -29,7 +29,7 @@ def child() -> dict:
 
     from seqvis.train import optim, step as step_lib
     from seqvis.train.defaults import base_config
-    from seqvis.train.tasks import get_task
+    from seqvis.tasks.base import get_task
 
     def config(model, shape):
         c = base_config()

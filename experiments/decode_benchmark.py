@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqvis.models import decoding
-from seqvis.train.captioning import build_captioner
+from seqvis.tasks.captioning import build_captioner
 
 PAD, BOS = 0, 1
 

@@ -41,9 +41,9 @@ def main(argv=None) -> list[dict]:
     from seqvis.train import evaluators as evaluators_lib
     from seqvis.train import optim
     from seqvis.train import step as step_lib
-    from seqvis.train.pretrained import load_pretrained
-    from seqvis.train.tasks import get_task
-    from seqvis.train.trainer import check_config
+    from seqvis.interop.pretrained import load_pretrained
+    from seqvis.tasks.base import get_task
+    from seqvis.trainer import check_config
 
     config = spec.load_config(args.config)
     overrides = {}
@@ -59,7 +59,7 @@ def main(argv=None) -> list[dict]:
     task = get_task(config)
     data_lib.get_builder(config.data)  # TensorFlow imported and the training set prepared, as in the trainer by now
     t0 = time.time()
-    evaluators = evaluators_lib.from_config(config, task, data_lib)
+    evaluators = evaluators_lib.from_config(config, task)
     print(json.dumps({"build_seconds": round(time.time() - t0, 3), "evaluators": [ev.name for ev in evaluators],
                       "note": "from_config: datasets opened, splits checked, k-shot sets drawn, features traced"}),
           flush=True)

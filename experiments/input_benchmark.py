@@ -36,7 +36,7 @@ def _peak_rss_mb() -> float:
 
 
 def _default_cfg(data_dir: str):
-    from seqvis.config_cli import load_config
+    from seqvis.cli.config_cli import load_config
 
     cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "vit.py")).data
     cfg.data_dir = os.path.join(data_dir, "fashion_mnist")

@@ -2,7 +2,7 @@
 
     python -m experiments.job_speed [--steps 600] [--config configs/vit.py] [--rounds 2] [--config.X=Y ...]
 
-Per round, in turn: the real job (``python -m seqvis.main --config=CONFIG`` for ``--steps``
+Per round, in turn: the real job (``python -m seqvis.cli.train --config=CONFIG`` for ``--steps``
 steps in a temporary workdir: input pipeline, logging, checkpoints and all) and the same
 model's training step on synthetic batches (``experiments.benchmark.bench``: no input
 pipeline). The job's figure is the median ``train/img_per_sec`` of its metrics.jsonl rows
@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def job_img_per_sec(config: str, steps: int, overrides: list[str]) -> list[float]:
     with tempfile.TemporaryDirectory(prefix="seqvis_job_speed_") as wd:
-        cmd = [sys.executable, "-m", "seqvis.main", f"--config={config}", f"--workdir={wd}",
+        cmd = [sys.executable, "-m", "seqvis.cli.train", f"--config={config}", f"--workdir={wd}",
                f"--config.total_steps={steps}", "--config.progress=False", *overrides]
         done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode:

@@ -69,7 +69,6 @@ and fragmentation keep some) of the device memory; the output gives the smallest
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -161,19 +160,19 @@ def parse_args(argv):
 
 
 def load_config(spec: str):
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise PlanError(f"--config={spec!r}: no file {path!r}; e.g. --config=configs/vit_i1k.py:L/16.")
-    mod_spec = importlib.util.spec_from_file_location("_plan_config", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg) if arg else mod.get_config()
+    from seqvis.cli.config_cli import load_config as load  # deferred with the planner's other seqvis imports
+    from seqvis.errors import ConfigError  # deferred: the same
+
+    try:
+        return load(spec)
+    except ConfigError as e:
+        raise PlanError(str(e)) from None
 
 
 def _apply_override(config, key: str, value: Any) -> None:
     import ast
 
-    from seqvis.config_cli import override_problem
+    from seqvis.cli.config_cli import override_problem
 
     problem = override_problem(config, key, value)
     if problem is not None and not key.startswith("model."):  # model fields are the model's keyword arguments
@@ -392,7 +391,7 @@ def plan(args, overrides) -> dict[str, Any]:
 
     from seqvis.train import optim, sharding as sharding_lib, step as step_lib
     from seqvis.train.precision import precision_name
-    from seqvis.train.tasks import get_task
+    from seqvis.tasks.base import get_task
 
     config = load_config(args.config)
     with config.unlocked() if hasattr(config, "unlocked") else _null():

@@ -13,7 +13,7 @@ SMALL="--config.model.width=32 --config.model.depth=1 --config.model.mlp_dim=64 
 
 run() {  # run NAME ARGS...: the seqvis command line, summarised
   local name=$1; shift
-  "$PY" -m seqvis.main --config=configs/vit.py $SMALL "$@" >"$S/$name.out" 2>"$S/$name.err"
+  "$PY" -m seqvis.cli.train --config=configs/vit.py $SMALL "$@" >"$S/$name.out" 2>"$S/$name.err"
   local rc=$?
   printf '%-34s exit %-3s stderr %4s lines | %s\n' "$name" "$rc" "$(wc -l <"$S/$name.err")" "$( (grep -m1 '^error:' "$S/$name.err" || tail -n 1 "$S/$name.err") | cut -c1-220)"
 }

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m seqvis.main --config=configs/vit.py --workdir="${WORKDIR:-workdirs/default}" "$@"
+exec .venv/bin/python -m seqvis.cli.train --config=configs/vit.py --workdir="${WORKDIR:-workdirs/default}" "$@"

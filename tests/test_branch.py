@@ -16,7 +16,7 @@ from experiments import sweep as sweep_lib
 from experiments.sweep import Hyper, SweepError
 from seqvis.errors import CheckpointError, ConfigError
 from seqvis.train import checkpoint as ckpt_lib
-from seqvis.train.trainer import train_and_evaluate
+from seqvis.trainer import train_and_evaluate
 
 from test_train import idx_dir, tiny_config  # noqa: F401 - fixture
 

@@ -476,7 +476,7 @@ def test_loss_is_masked_ce_plus_doubly_stochastic_regulariser():
     import importlib.util
     import os
 
-    from seqvis.train import captioning as task_lib
+    from seqvis.tasks import captioning as task_lib
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "captioning.py")
     spec = importlib.util.spec_from_file_location("captioning_cfg", path)

@@ -10,9 +10,9 @@ import pytest
 from seqvis.evaluation.caption_metrics import bleu, cider_d
 from seqvis.data import pipeline as data_lib
 from seqvis.train import checkpoint as ckpt_lib
-from seqvis.train.captioning import CaptioningTask, evaluate_workdir
+from seqvis.tasks.captioning import CaptioningTask, evaluate_workdir
 from seqvis.errors import ConfigError, VocabularyError
-from seqvis.train.trainer import train_and_evaluate
+from seqvis.trainer import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TRAIN, N_TEST = 48, 16
@@ -51,7 +51,7 @@ def tiny(data_dir, arg="show_attend_tell", **kw):
 def test_pipeline_ops_tokenise_the_references(data_dir, tmp_path):
     config = tiny(data_dir)
     task = CaptioningTask(config)
-    task.setup(str(tmp_path), data_lib)
+    task.setup(str(tmp_path))
     builder = data_lib.get_builder(config.data)
     refs = {int(ex["image_id"]): [c.decode() for c in ex["captions"]]
             for ex in builder.as_dataset(split="train").as_numpy_iterator()}

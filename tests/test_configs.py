@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from seqvis.train.trainer import train_and_evaluate
+from seqvis.trainer import train_and_evaluate
 from test_train import N_TEST, idx_dir  # noqa: F401 - fixture: toy Fashion-MNIST IDX files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,7 +18,7 @@ from seqvis.data.subset import subset_indices
 from seqvis.errors import ConfigError
 from seqvis.train import checkpoint as ckpt_lib
 from seqvis.train.defaults import base_config
-from seqvis.train.trainer import check_config
+from seqvis.trainer import check_config
 
 from test_train import write_idx
 

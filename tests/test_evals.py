@@ -28,8 +28,8 @@ from seqvis.models import vit
 from seqvis.train import evaluators as evals_lib
 from seqvis.train import metrics as metrics_lib
 from seqvis.train import step as step_lib
-from seqvis.train.tasks import ClassificationTask
-from seqvis.train.trainer import train_and_evaluate
+from seqvis.tasks.classification import ClassificationTask
+from seqvis.trainer import train_and_evaluate
 from test_configs import load, shrink
 from test_train import N_TEST, idx_dir, tiny_config  # noqa: F401 - idx_dir is a fixture
 
@@ -172,7 +172,7 @@ class BarTask(ClassificationTask):
 
 def evaluate_once(config, task, parallel="pmap"):
     """The evaluators of ``config`` built and run once on an initial state, as the trainer does."""
-    evs = evals_lib.from_config(config, task, pipeline)
+    evs = evals_lib.from_config(config, task)
     tx = optax.sgd(0.0)
     driver = step_lib.make_driver(parallel, step_lib.make_train_step(task, tx, optax.constant_schedule(0.0)),
                                   step_lib.make_eval_step(task))
@@ -319,7 +319,7 @@ def test_imagenet_recipes_evaluate_minival_val_v2_and_real(name, tmp_path):
 
 
 def parse_flags(monkeypatch, argv):
-    """``--config`` parsed as seqvis.main parses it (config_flags reads the override names from sys.argv)."""
+    """``--config`` parsed as seqvis.cli.train parses it (config_flags reads the override names from sys.argv)."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -345,13 +345,14 @@ def test_command_line_forms_that_add_a_fewshot_evaluator(monkeypatch):
                                                         "{'preset': 'mnist', 'idx_dir': '/x'}}}"])
     evals_lib.check_config(c)
     assert evals_lib.resolve_dataset(c.evals.fs.dataset, c).idx_dir == "/x"
-    # A new entry by dotted path is what ml_collections cannot do (hence the two forms above); seqvis.main says so.
+    # A new entry by dotted path is what ml_collections cannot do (hence the two forms above); seqvis.cli.train says so.
     argv = [f"--config={vit_py}", "--config.evals.fs.type=fewshot"]
     with pytest.raises(Exception, match="fs") as refused:
         parse_flags(monkeypatch, argv)
-    from seqvis import config_cli
+    from seqvis.cli import config_cli
 
-    assert "an evaluator cannot be added by a dotted path" in config_cli.explain_flag_error(argv, refused.value)
+    line = config_cli.explain_flag_error(argv, refused.value)
+    assert "a dotted path cannot add a field to config.evals" in line and "--config.evals=" in line
 
 
 # ============================================================================ errors, before any compilation

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 
 import childproc
-from seqvis.config_cli import override_problem
+from seqvis.cli.config_cli import override_problem
 from seqvis.errors import ConfigError, DataError
-from seqvis.train import timm_io
-from seqvis.train.trainer import train_and_evaluate
+from seqvis.interop import timm_io
+from seqvis.trainer import train_and_evaluate
 from seqvis.train.workdir_lock import WorkdirLock
 from test_reliability import data_dir, idx_dir, listing, tiny  # noqa: F401 - fixtures
 
@@ -37,9 +37,9 @@ SMALL = ["--config.model.width=32", "--config.model.depth=1", "--config.model.ml
 
 
 def cli(args, env=None, **kw):
-    """``python -m seqvis.main ARGS`` as a user runs it."""
+    """``python -m seqvis.cli.train ARGS`` as a user runs it."""
     env = dict(os.environ if env is None else env, PYTHONPATH=ROOT)
-    return childproc.run([sys.executable, "-m", "seqvis.main", f"--config={ROOT}/configs/vit.py", *args],
+    return childproc.run([sys.executable, "-m", "seqvis.cli.train", f"--config={ROOT}/configs/vit.py", *args],
                          cwd=ROOT, env=env, **kw)
 
 
@@ -139,7 +139,7 @@ def test_plain_mistakes_on_the_command_line_get_one_line(tmp_path):
 
 def test_a_catalogue_set_that_is_not_prepared_is_one_line_on_the_captioning_path(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    out = childproc.run([sys.executable, "-m", "seqvis.main", f"--config={ROOT}/configs/captioning.py:show_attend_tell,coco",
+    out = childproc.run([sys.executable, "-m", "seqvis.cli.train", f"--config={ROOT}/configs/captioning.py:show_attend_tell,coco",
                          f"--config.data.data_dir={tmp_path / 'missing'}", f"--workdir={tmp_path / 'w'}"],
                         cwd=ROOT, env=env, timeout=300)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
@@ -159,7 +159,7 @@ def test_the_planner_names_a_bad_override_in_one_line():
 def test_the_patch_size_is_a_field_of_the_vit_config():
     import importlib.util
 
-    from seqvis.train.tasks import build_classifier
+    from seqvis.tasks.classification import build_classifier
 
     spec = importlib.util.spec_from_file_location("vit_config", os.path.join(ROOT, "configs", "vit.py"))
     module = importlib.util.module_from_spec(spec)
@@ -223,7 +223,7 @@ def test_sigterm_saves_the_current_step_and_the_console_stays_quiet_with_onednn_
             "--config.total_steps=40", "--config.checkpoint_every_steps=1000", "--config.log_every_steps=1",
             "--config.data.pp_train=decode|value_range(-1, 1)", *SMALL]
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1", PYTHONPATH=ROOT, PYTHONFAULTHANDLER="1")
-    proc = subprocess.Popen([sys.executable, "-m", "seqvis.main", f"--config={ROOT}/configs/vit.py", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "seqvis.cli.train", f"--config={ROOT}/configs/vit.py", *args],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     timer = threading.Timer(400, proc.kill)  # never hang the suite
@@ -268,7 +268,7 @@ def test_tensorflow_start_up_notices_are_dropped_and_everything_else_is_kept(tmp
     """The filter around TensorFlow's import, on a stand-in module: the same on any CPU."""
     (tmp_path / "tensorflow").mkdir()
     (tmp_path / "tensorflow" / "__init__.py").write_text(FAKE_TF)
-    code = "from seqvis import console; console.import_tensorflow(False); print('imported')"
+    code = "from seqvis.cli import console; console.import_tensorflow(False); print('imported')"
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
     out = childproc.run([sys.executable, "-c", code], cwd=ROOT, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "imported", out.stderr

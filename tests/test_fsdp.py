@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from seqvis.train import optim, sharding, step as step_lib
 from seqvis.train.defaults import base_config
-from seqvis.train.tasks import get_task
+from seqvis.tasks.base import get_task
 
 import childproc
 from test_train import toy_split, write_idx
@@ -192,7 +192,7 @@ WORKER = textwrap.dedent("""
     import jax
     from seqvis.data.presets import data_config
     from seqvis.train.defaults import base_config
-    from seqvis.train.trainer import train_and_evaluate
+    from seqvis.trainer import train_and_evaluate
     idx_dir, workdir = sys.argv[1:3]
     c = base_config()
     c.data = data_config("fashion_mnist", idx_dir=idx_dir, data_dir=workdir + "_tfds",
@@ -233,7 +233,7 @@ def _worker(idx, workdir, devices):
 
 
 def test_sharded_checkpoint_from_8_devices_resumes_on_4(tmp_path):
-    from seqvis.train.pretrained import read_tree as read_checkpoint_params
+    from seqvis.interop.pretrained import read_tree as read_checkpoint_params
 
     idx = tmp_path / "idx"
     idx.mkdir()

@@ -1,4 +1,4 @@
-"""Kill -9 suite: a training subprocess (the real command line: seqvis.main's ``main`` under
+"""Kill -9 suite: a training subprocess (the real command line: seqvis.cli.train's ``main`` under
 ``absl.app.run``) is interrupted at moments drawn from a fixed RNG -- Ctrl-C after a random step;
 SIGKILL while a checkpoint is being written, after a random step; SIGKILL at a random time after it
 starts (restoring, cleaning up, preparing, compiling or training) -- and re-run each time with the
@@ -32,7 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from seqvis.train.trainer import train_and_evaluate
+from seqvis.trainer import train_and_evaluate
 
 from test_train import write_idx
 
@@ -43,9 +43,9 @@ TOTAL = 16
 WORKER = r"""
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
-from seqvis import console, main  # noqa: F401 - main: what the command imports first
+from seqvis.cli import console, train as main  # noqa: F401 - main: what the command imports first
 console.setup(False)  # what main() does first, then the imports it defers
-import seqvis.train.trainer, seqvis.data.pipeline, tensorflow, tensorflow_datasets  # noqa: E401
+import seqvis.trainer, seqvis.data.pipeline, tensorflow, tensorflow_datasets  # noqa: E401
 print("READY", file=sys.stderr, flush=True)
 go = sys.stdin.readline()  # the test's go: "HOLD PAUSE" (steps, 0 = none)
 if not go:  # the test ended without letting this one go

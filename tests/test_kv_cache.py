@@ -24,7 +24,7 @@ from seqvis.errors import ConfigError
 from seqvis.models import captioning as cap
 from seqvis.models import decoding
 from seqvis.models.attention import MultiHeadAttention
-from seqvis.train import captioning as task_lib
+from seqvis.tasks import captioning as task_lib
 from seqvis.train.checkpoint import resume_problems
 
 PAD, BOS, EOS = 0, 1, 2
@@ -263,7 +263,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _command_line_config(arg, *overrides):
-    """The config as ``python -m seqvis.main --config=configs/captioning.py:ARG OVERRIDES`` parses it."""
+    """The config as ``python -m seqvis.cli.train --config=configs/captioning.py:ARG OVERRIDES`` parses it."""
     argv = ["prog", f"--config={os.path.join(ROOT, 'configs', 'captioning.py')}:{arg}", *overrides]
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from seqvis.train.pretrained import read_tree as read_checkpoint_params
+from seqvis.interop.pretrained import read_tree as read_checkpoint_params
 
 import childproc
 from test_train import toy_split, write_idx
@@ -31,7 +31,7 @@ WORKER = textwrap.dedent("""
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks on a hang
     from seqvis.data.presets import data_config
     from seqvis.train.defaults import base_config
-    from seqvis.train.trainer import train_and_evaluate
+    from seqvis.trainer import train_and_evaluate
     idx_dir, workdir, coordinator, nproc, pid = sys.argv[1:6]
     c = base_config()
     c.data = data_config("fashion_mnist", idx_dir=idx_dir, data_dir=workdir + "_tfds",

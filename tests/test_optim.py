@@ -266,7 +266,7 @@ def bars(n_steps, batch=32, seed=0):
 def train(config, n_steps):
     """Losses of ``n_steps`` of the real (pmapped, one device) train step, and the final state."""
     from seqvis.train import step as step_lib
-    from seqvis.train.tasks import get_task
+    from seqvis.tasks.base import get_task
 
     task = get_task(config)
     schedule = optim.make_schedule(config.schedule, 100)

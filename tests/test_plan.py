@@ -81,7 +81,7 @@ MEASURE = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from experiments import plan as plan_lib
     from seqvis.train import optim, step as step_lib
-    from seqvis.train.tasks import get_task
+    from seqvis.tasks.base import get_task
 
     args, overrides = plan_lib.parse_args(["--config=configs/vit.py", "--devices=1", "--accelerator=h100"])
     r = plan_lib.plan(args, overrides)
@@ -182,7 +182,7 @@ def _s16_task(**over):
     import jax.numpy as jnp
 
     from experiments import plan as plan_lib
-    from seqvis.train.tasks import get_task
+    from seqvis.tasks.base import get_task
 
     config = plan_lib.load_config("configs/vit_s16_i1k_baseline.py")
     for k, v in over.items():

@@ -14,7 +14,7 @@ import pytest
 from seqvis.errors import ConfigError
 from seqvis.train import optim, step as step_lib
 from seqvis.train.defaults import base_config
-from seqvis.train.tasks import get_task
+from seqvis.tasks.base import get_task
 from test_configs import shrink_captioning, shrink_video
 
 

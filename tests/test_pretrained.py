@@ -9,7 +9,7 @@ import pytest
 from flax import traverse_util
 
 from seqvis.models import resnet, vit
-from seqvis.train import pretrained, timm_io
+from seqvis.interop import pretrained, timm_io
 
 # ---------------------------------------------------------------------------- golden layouts
 # Written by hand from the published model definition (google-research/vision_transformer

@@ -19,9 +19,9 @@ from seqvis.data.presets import data_config
 from seqvis.train import checkpoint as ckpt_lib
 from seqvis.train.defaults import base_config
 from seqvis.train.metrics import truncate_jsonl
-from seqvis.train.pretrained import read_tree as read_checkpoint_params
+from seqvis.interop.pretrained import read_tree as read_checkpoint_params
 from seqvis.errors import CheckpointError, ConfigError, IdxError
-from seqvis.train.trainer import TrainingInterrupted, train_and_evaluate
+from seqvis.trainer import TrainingInterrupted, train_and_evaluate
 
 N_TRAIN, N_TEST = 256, 64
 
@@ -398,7 +398,7 @@ def test_case8_checkpoint_writer_echoes_are_dropped_on_the_console():
     import sys
 
     code = "\n".join([
-        "from seqvis import console",
+        "from seqvis.cli import console",
         "console.setup(False)",
         "class Echo:",
         "    def __del__(self): raise RuntimeError('Event loop is closed')",
@@ -425,7 +425,7 @@ def test_error_after_the_input_started_exits_on_the_command_line(idx_dir, data_d
     args = {"model.width": 32, "model.depth": 1, "model.mlp_dim": 64, "model.num_heads": 2, "batch_size": 32,
             "total_steps": 4, "schedule.warmup_steps": 1, "progress": False, "data.idx_dir": idx_dir,
             "data.data_dir": data_dir, "data.num_classes": 5}
-    cmd = [sys.executable, "-m", "seqvis.main", "--config=configs/vit.py", f"--workdir={tmp_path / 'w'}",
+    cmd = [sys.executable, "-m", "seqvis.cli.train", "--config=configs/vit.py", f"--workdir={tmp_path / 'w'}",
            *[f"--config.{k}={v}" for k, v in args.items()]]
     out = childproc.run(cmd, cwd=root, env=dict(os.environ, PYTHONPATH=root), timeout=240)
     assert out.returncode == 1, out.stderr

@@ -16,7 +16,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from seqvis.train import optim, step as step_lib
 from seqvis.train.defaults import base_config
-from seqvis.train.tasks import Task, get_task
+from seqvis.tasks.base import Task, get_task
 
 GLOBAL_BATCH = 16
 

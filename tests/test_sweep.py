@@ -13,7 +13,7 @@ import pytest
 from experiments import sweep as sweep_lib
 from experiments.sweep import Hyper, SweepError
 from seqvis.train import checkpoint as ckpt_lib
-from seqvis.train import trainer as trainer_lib
+from seqvis import trainer as trainer_lib
 
 import childproc
 from test_train import idx_dir, tiny_config  # noqa: F401 - fixture

@@ -16,9 +16,9 @@ import pytest
 from seqvis.data.presets import data_config
 from seqvis.train import checkpoint as ckpt_lib
 from seqvis.train.defaults import base_config
-from seqvis.train.pretrained import read_tree as read_checkpoint_params
+from seqvis.interop.pretrained import read_tree as read_checkpoint_params
 from seqvis.errors import CheckpointError, ConfigError
-from seqvis.train.trainer import train_and_evaluate
+from seqvis.trainer import train_and_evaluate
 
 N_TRAIN, N_TEST = 512, 203  # 203: not a multiple of any eval batch used below
 

@@ -15,9 +15,9 @@ from test_train import write_idx
 
 from seqvis.data import pipeline
 from seqvis.data.builders import moving_fashion as mf
-from seqvis.train.tasks import get_task
+from seqvis.tasks.base import get_task
 from seqvis.errors import ConfigError
-from seqvis.train.trainer import train_and_evaluate
+from seqvis.trainer import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMES, SIZE, N_TRAIN, N_TEST = 6, 16, 64, 37  # 37: the last eval batch is padded
@@ -85,11 +85,11 @@ def test_mean_model_cannot_beat_its_reversal(idx_dir, tmp_path):
 def test_reversed_evaluation_matches_a_hand_computation(idx_dir, tmp_path):
     config = tiny("lstm", idx_dir, tmp_path)
     task = get_task(config)
-    task.setup(str(tmp_path), pipeline)
+    task.setup(str(tmp_path))
     variables = jax.jit(task.init)(jax.random.PRNGKey(0), task.dummy_batch(2))
     rng = np.random.default_rng(5)  # random weights everywhere, so that predictions vary
     variables = jax.tree.map(lambda p: jnp.asarray(rng.normal(scale=0.5, size=p.shape), p.dtype), variables)
-    got = task.final_evaluation(variables, config, str(tmp_path), pipeline)
+    got = task.final_evaluation(variables, config, str(tmp_path))
 
     builder = pipeline.get_builder(config.data)
     videos, labels = [], []

@@ -102,5 +102,7 @@ def test_pngs_are_written(tmp_path):
 
 
 def test_cli_errors_name_the_workdir(tmp_path):
+    from seqvis.cli import vit_maps as cli
+
     with pytest.raises(SystemExit, match="config.json does not exist"):
-        vit_maps.main([f"--workdir={tmp_path}"])
+        cli.main([f"--workdir={tmp_path}"])

@@ -16,8 +16,8 @@ from experiments.sweep.spec import (FAMILY_SECTIONS, SweepError, apply_overrides
                                     point_label)
 from seqvis.evaluation.flops import vit_forward_flops
 from seqvis.models.common import num_params
-from seqvis.train.tasks import get_task
-from seqvis.train.trainer import check_config
+from seqvis.tasks.base import get_task
+from seqvis.trainer import check_config
 
 
 @dataclasses.dataclass

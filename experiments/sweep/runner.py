@@ -25,7 +25,7 @@ from experiments.sweep.spec import REPO, SweepError, check_points, load_config, 
 from seqvis.data import pipeline as data_lib
 from seqvis.train import checkpoint as ckpt_lib
 from seqvis.train import optim
-from seqvis.train import trainer as trainer_lib  # looked up per point: tests substitute the trainer
+from seqvis import trainer as trainer_lib  # looked up per point: tests substitute the trainer
 
 CHILD_ENV = "SEQVIS_SWEEP_CHILD"  # set for the per-point child processes of --isolate
 log = logging.getLogger("seqvis.sweep")

@@ -6,7 +6,7 @@ captioning task's final evaluation uses.
 
 Pictures (command)::
 
-    python -m seqvis.analysis.attention_maps --workdir=DIR [--num_images=8] [--out=DIR/attention_maps]
+    python -m seqvis.cli.attention_maps --workdir=DIR [--num_images=8] [--out=DIR/attention_maps]
 
 loads the newest checkpoint and the vocabulary of a captioning workdir, decodes test images
 (greedy) and writes one PNG per image: the image, then the attention map over the image
@@ -16,19 +16,17 @@ for every generated word. matplotlib and scipy are imported only by the function
 
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Sequence
 
 import jax
 import numpy as np
 
-from seqvis.data import pipeline as data_lib
 from seqvis.evaluation.grounding import resolve_geometry
 from seqvis.models.captioning import region_geometry
 from seqvis.models.decoding import make_decoder
-from seqvis.train import captioning as cap_task
-from seqvis.train.captioning_eval import token_words
+from seqvis.tasks import captioning as cap_task
+from seqvis.tasks.captioning_eval import token_words
 from seqvis.train.checkpoint import restore_variables
 
 
@@ -88,7 +86,7 @@ def save_attention_png(path: str, image: np.ndarray, words: Sequence[str], atten
 def render_workdir(workdir: str, out_dir: str | None = None, num_images: int = 8,
                    split: str | None = None) -> list[str]:
     """Decode ``num_images`` images of the eval split of a trained captioning workdir; one PNG each."""
-    task = cap_task.workdir_task(workdir, data_lib)  # with the workdir's vocabulary
+    task = cap_task.workdir_task(workdir)  # with the workdir's vocabulary
     config = task.config
     variables = restore_variables(workdir, config.to_dict())
     tok = task.tokenizer
@@ -96,7 +94,7 @@ def render_workdir(workdir: str, out_dir: str | None = None, num_images: int = 8
                           eos_id=tok.eos_id, pad_id=tok.pad_id)
     out_dir = out_dir or os.path.join(workdir, "attention_maps")
     os.makedirs(out_dir, exist_ok=True)
-    batch = task.host_examples(data_lib, split=split, limit=num_images)
+    batch = task.host_examples(split=split, limit=num_images)
     res = jax.device_get(decode(variables, batch["image"]))
     grid = task.feature_grid(variables)
     geometry = region_geometry(task.model.encoder, tuple(config.data.image_shape[:2]), grid)
@@ -113,23 +111,3 @@ def render_workdir(workdir: str, out_dir: str | None = None, num_images: int = 8
                            title=tok.decode(ids), geometry=geometry)
         paths.append(path)
     return paths
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Per-word attention maps of a trained captioning workdir.")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--out", default=None, help="output directory (default WORKDIR/attention_maps)")
-    p.add_argument("--num_images", type=int, default=8)
-    p.add_argument("--split", default=None, help="default: config.data.eval_split")
-    a = p.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    try:
-        paths = render_workdir(a.workdir, a.out, a.num_images, a.split)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
-    for path in paths:
-        print(path)
-
-
-if __name__ == "__main__":
-    main()

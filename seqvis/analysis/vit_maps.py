@@ -19,12 +19,11 @@ last-layer maps are the same rows of the last layer's attention, one per head.
 
 Command (a trained classification workdir; writes one PNG per image and an overview)::
 
-    python -m seqvis.analysis.vit_maps --workdir=DIR [--images=8] [--out=DIR/vit_maps]
+    python -m seqvis.cli.vit_maps --workdir=DIR [--images=8] [--out=DIR/vit_maps]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Any
@@ -37,7 +36,7 @@ from flax import traverse_util
 from seqvis.analysis.attention_maps import upsample
 from seqvis.data import pipeline as data_lib
 from seqvis.train.checkpoint import restore_variables
-from seqvis.train.tasks import build_classifier
+from seqvis.tasks.classification import build_classifier
 
 
 # Label names for the pictures of the offline datasets (others show class ids).
@@ -185,7 +184,7 @@ def render_workdir(workdir: str, out_dir: str | None = None, num_images: int = 8
     model = build_classifier(ml_collections.ConfigDict(model_cfg), int(config.data.num_classes))
     ckpt = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt) or not any(d.isdigit() for d in os.listdir(ckpt)):
-        raise FileNotFoundError(f"no checkpoint in {ckpt}; train first (python -m seqvis.main "
+        raise FileNotFoundError(f"no checkpoint in {ckpt}; train first (python -m seqvis.cli.train "
                                 f"--config=configs/vit.py --workdir={workdir}).")
     variables = restore_variables(workdir, config.to_dict())
 
@@ -211,23 +210,3 @@ def render_workdir(workdir: str, out_dir: str | None = None, num_images: int = 8
     overview = os.path.join(out_dir, "overview.png")
     save_overview_png(overview, images, res["rollout_map"], titles)
     return paths + [overview]
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Attention rollout and last-layer maps of a trained ViT workdir.")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--images", type=int, default=8, help="number of eval images")
-    p.add_argument("--out", default=None, help="output directory (default WORKDIR/vit_maps)")
-    p.add_argument("--split", default=None, help="default: config.data.eval_split")
-    a = p.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    try:
-        paths = render_workdir(a.workdir, a.out, a.images, a.split)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
-    for path in paths:
-        print(path)
-
-
-if __name__ == "__main__":
-    main()

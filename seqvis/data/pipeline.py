@@ -150,6 +150,16 @@ def num_examples(cfg: Any, split: str) -> int:
     return n
 
 
+def num_steps(run: Any, data: Any = None) -> int:
+    """The training steps of a run config (a ConfigDict or its JSON dict): ``total_steps`` if set, else
+    ``num_epochs`` epochs of the training split of ``data`` (default ``run["data"]``) at ``batch_size``."""
+    if run.get("total_steps"):
+        return int(run["total_steps"])
+    data = run["data"] if data is None else data
+    n = num_examples(data, data.get("train_split", "train"))
+    return int(math.ceil(float(run.get("num_epochs") or 0) * n / int(run["batch_size"])))
+
+
 def _defaults(process_index, process_count, local_device_count):
     import jax
 

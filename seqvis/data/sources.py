@@ -186,6 +186,8 @@ class RecordSource:
 
     def read(self, indices: np.ndarray) -> dict:
         self.reads += len(indices)
+        # tfds' data sources read a batch of keys through the sequence protocol's batched read, __getitems__
+        # (the one grain and torch's DataLoader call); the tests' reads of array_record sets go through it.
         records = self.source.__getitems__([int(i) for i in indices])
         return {"_record": np.array(records, dtype=object)}
 

@@ -1,1 +1,1 @@
-"""The shared trainer: state, optimiser, parallel step, checkpoints, metrics, logging."""
+"""The trainer's machinery: state and step drivers, optimiser, precision, checkpoints, metrics, evaluators."""

@@ -32,12 +32,12 @@ budget), and its metrics.jsonl starts after s.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any
 
 import ml_collections
 
+from seqvis.data import pipeline
 from seqvis.errors import CheckpointError, ConfigError
 from seqvis.train import checkpoint as ckpt_lib
 from seqvis.train import optim
@@ -69,7 +69,7 @@ def check_config(config: Any) -> None:
                               "a branch starts from the other run's whole train state: unset init_from.")
 
 
-def check(config: Any, config_dict: dict, data_lib, *, process_count: int, allow_data_change: bool) -> Branch | None:
+def check(config: Any, config_dict: dict, *, process_count: int, allow_data_change: bool) -> Branch | None:
     """The branch point of a config, checked against the other run's checkpoint (reads only its JSON and,
     for a duration in epochs, the dataset's size). None when ``config.branch_from`` is not set. Raises
     ConfigError / CheckpointError as listed above."""
@@ -111,12 +111,12 @@ def check(config: Any, config_dict: dict, data_lib, *, process_count: int, allow
             "would not see the batches that run sees:\n  " + "\n  ".join(stream) +
             f"\nTo branch with the new values anyway, add --config.resume={ckpt_lib.ALLOW_DATA_CHANGE} (recorded). "
             "Nothing was written.")
-    total = _total_steps(config_dict, config, data_lib)
+    total = pipeline.num_steps(config)
     if total <= step:
         raise ConfigError(f"config.total_steps={total} must be greater than config.branch_from.step={step}: the "
                           "branch trains from that step to its total_steps.")
     schedule = optim.make_schedule(config.schedule, total)
-    other = optim.make_schedule(ml_collections.ConfigDict(saved["schedule"]), _total_steps(saved, config, data_lib))
+    other = optim.make_schedule(ml_collections.ConfigDict(saved["schedule"]), pipeline.num_steps(saved, config.data))
     diff = optim.first_difference(other, schedule, step)
     if diff is not None:
         t, a, b = diff
@@ -127,13 +127,6 @@ def check(config: Any, config_dict: dict, data_lib, *, process_count: int, allow
             "base_lr, warmup and the schedule's fields of that run, and start the cooldown at or after step "
             f"{step}.")
     return Branch(workdir=workdir, step=step, saved_config=saved, saved_meta=meta, data_changes=list(stream))
-
-
-def _total_steps(cfg: dict, config: Any, data_lib) -> int:
-    if cfg.get("total_steps"):
-        return int(cfg["total_steps"])
-    n = data_lib.num_examples(config.data, config.data.get("train_split", "train"))
-    return int(math.ceil(float(cfg.get("num_epochs") or 0) * n / int(cfg["batch_size"])))
 
 
 def restore(branch: Branch, target: Any) -> tuple[Any, dict]:

@@ -190,9 +190,24 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:400]
 
 
-def _is_structure_mismatch(e: BaseException) -> bool:
-    msg = str(e)
-    return "tree structures do not match" in msg or "Dict key mismatch" in msg
+def _structure_difference(saved: Any, target: Any) -> str | None:
+    """None when the saved state's tree (from its metadata) has the paths and shapes of ``target``; else
+    which differ, in words. Both are flattened by orbax's own tree functions, as it stores the tree."""
+    def flat(tree):
+        return {"/".join(map(str, k)): tuple(np.shape(v))
+                for k, v in ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=True)).items()}
+
+    a, b = flat(saved), flat(target)
+    if a == b:
+        return None
+    only_saved, only_here = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    reshaped = sorted(k for k in set(a) & set(b) if a[k] != b[k])
+    parts = ([f"only in the checkpoint: {', '.join(only_saved[:3])}" + (" ..." if len(only_saved) > 3 else "")]
+             if only_saved else []) + \
+            ([f"only in this config's state: {', '.join(only_here[:3])}" + (" ..." if len(only_here) > 3 else "")]
+             if only_here else []) + \
+            [f"{k} is {a[k]} there, {b[k]} here" for k in reshaped[:3]]
+    return "; ".join(parts)
 
 
 class Checkpointer:
@@ -202,7 +217,12 @@ class Checkpointer:
     ``cleanup=True`` (the trainer) removes unfinished writes left by a killed run; a
     Checkpointer opened only to list or read steps leaves them alone. ``read_only=True``
     never creates, writes, renames or removes anything (:func:`read_checkpoint`); it is
-    opened on ``directory`` (default ``workdir/checkpoints``)."""
+    opened on ``directory`` (default ``workdir/checkpoints``).
+
+    Opening one creates nothing: the directory is made by the first save, so a run refused at its
+    checks leaves a new workdir without ``checkpoints/``. As a context manager it is closed on exit;
+    after an exception a write in flight is completed and its own error (if any) not raised, since it
+    would only hide the one being reported."""
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, chief: bool | None = None,
                  cleanup: bool = False, read_only: bool = False, directory: str | None = None,
@@ -225,15 +245,30 @@ class Checkpointer:
                 ocp.checkpoint_managers.CustomSteps(sorted(int(s) for s in preserve))]))
         else:
             keep_policy = dict(max_to_keep=int(keep))
-        options = ocp.CheckpointManagerOptions(**keep_policy, create=not self.read_only,
-                                               enable_async_checkpointing=async_save and not self.read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta", "config"))
+        self._options = ocp.CheckpointManagerOptions(**keep_policy, create=not self.read_only,
+                                                     enable_async_checkpointing=async_save and not self.read_only)
+        self._manager: ocp.CheckpointManager | None = None
         self._pending: int | None = None  # step of a save not yet known to be complete
         self._closed = False
         self.moved_aside: list[str] = []
 
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        self.close(raise_errors=kind is None)
+
+    @property
+    def manager(self) -> ocp.CheckpointManager:
+        """orbax's manager, opened on first use (opening it makes the directory unless read-only)."""
+        if self._manager is None:
+            self._manager = ocp.CheckpointManager(self.directory, options=self._options,
+                                                  item_names=("state", "meta", "config"))
+        return self._manager
+
     def steps(self) -> list[int]:
+        if self._manager is None and not os.path.isdir(self.directory):
+            return []
         return sorted(self.manager.all_steps())
 
     def steps_on_disk(self) -> list[int]:
@@ -280,6 +315,9 @@ class Checkpointer:
         self._remove_unfinished(step)
         self.manager.reload()
         good = [s for s in self.manager.all_steps() if s != step]
+        # An OSError carries its errno. tensorstore (orbax's writer) raises a plain ValueError with no errno
+        # attribute, so its status text is the only way to tell a full disk: test_reliability.py's case 9
+        # (a file size limit during a real write) fails if that text changes.
         text, errno = str(e), getattr(e, "errno", None)
         full = "RESOURCE_EXHAUSTED" in text or "No space left" in text or errno == 28 or "os_error_code='28'" in text
         # EFBIG (tensorstore's own words for it: "File too large", os_error_code 27): a file size limit.
@@ -307,6 +345,9 @@ class Checkpointer:
 
     def close(self, raise_errors: bool = True) -> None:
         if self._closed:
+            return
+        if self._manager is None:  # never opened: nothing to finish
+            self._closed = True
             return
         try:
             if raise_errors:
@@ -376,12 +417,10 @@ class Checkpointer:
         errors: list[tuple[int, str]] = []
         abstract = _abstract(target)
 
-        def structure_error(step: int, e: Exception) -> CheckpointError | None:
-            if not _is_structure_mismatch(e):
-                return None
+        def structure_error(step: int, why: str) -> CheckpointError:
             return CheckpointError(
                 f"Cannot resume from step {step} in {self.directory}: the saved train state has another "
-                f"structure than the one this config builds ({_short(e)}). The checkpoint is intact; "
+                f"structure than the one this config builds ({why}). The checkpoint is intact; "
                 "restore the config it was written with (see its config.json), or use a new --workdir "
                 "(--config.init_from=THIS_WORKDIR keeps the parameters). Nothing was changed.")
 
@@ -409,12 +448,10 @@ class Checkpointer:
         errors: list[tuple[int, str]] = []
         abstract = _abstract(target)
 
-        def structure_error(step: int, e: Exception) -> CheckpointError | None:
-            if not _is_structure_mismatch(e):
-                return None
+        def structure_error(step: int, why: str) -> CheckpointError:
             return CheckpointError(
                 f"Cannot start from step {step} of {self.workdir}: its train state has another structure than the "
-                f"one this config builds ({_short(e)}). Use the model and optimiser fields of the config it was "
+                f"one this config builds ({why}). Use the model and optimiser fields of the config it was "
                 "written with (that workdir's config.json). Nothing was written.")
 
         found = self._first_usable([int(step)], lambda *_: None, lambda _: abstract, errors, structure_error)
@@ -464,8 +501,10 @@ class Checkpointer:
 
         Per step: read its config and meta, ``check(step, saved_cfg, meta)`` (raises to refuse),
         restore the state into ``target(step)``, check it against its meta. A step that fails
-        one of these is logged, appended to ``errors`` as ``(step, why)`` and skipped; a restore
-        error for which ``structure_error(step, e)`` returns an error raises that instead.
+        one of these is logged, appended to ``errors`` as ``(step, why)`` and skipped. A restore that
+        fails because the saved tree differs from the target's (paths or shapes, read from the step's
+        metadata) raises ``structure_error(step, difference)`` instead: that checkpoint is intact, the
+        config is what differs.
         """
         for step in steps:
             try:
@@ -480,9 +519,13 @@ class Checkpointer:
                 state = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(target(step))))["state"]
             except Exception as e:  # noqa: BLE001
-                refused = structure_error(step, e) if structure_error else None
-                if refused is not None:
-                    raise refused from e
+                if structure_error is not None:
+                    try:
+                        difference = _structure_difference(self._saved_layout(step), target(step))
+                    except Exception:  # noqa: BLE001 - its metadata is unreadable too: the step is
+                        difference = None
+                    if difference:
+                        raise structure_error(step, difference) from e
                 errors.append((step, _short(e)))
                 log.warning("Checkpoint at step %d is unreadable (%s); trying an older one.", step, _short(e))
                 continue
@@ -581,6 +624,6 @@ def restore_variables(workdir: str, config: dict | None = None) -> dict:
     read = read_checkpoint(workdir, config)
     if read is None:
         raise FileNotFoundError(f"no checkpoint in {os.path.join(os.path.abspath(workdir), 'checkpoints')}; train "
-                                f"first with python -m seqvis.main --config=configs/FILE.py --workdir={workdir}.")
+                                f"first with python -m seqvis.cli.train --config=configs/FILE.py --workdir={workdir}.")
     state, _ = read
     return {"params": state["params"], **(state.get("model_state") or {})}

@@ -66,6 +66,21 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+_BASE: ml_collections.ConfigDict | None = None
+
+
+def value(config, name: str):
+    """``config.<name>``, or its default from :func:`base_config` when the config leaves it out (a config
+    written by hand rather than started from base_config); the trainer reads its fields this way, so a
+    default is defined here only."""
+    global _BASE
+    if name in config and config[name] is not None:
+        return config[name]
+    if _BASE is None:
+        _BASE = base_config()
+    return _BASE[name]
+
+
 # The fields of each evaluator type (config.evals.NAME) and their defaults; a type (int, float) stands for "unset"
 # (a typed placeholder, so the command line can still set it), as does "". Unset fields come from the dataset or
 # the config; what each field means: seqvis.train.evaluators.

@@ -78,7 +78,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from seqvis.data import presets
+from seqvis.data import pipeline, presets
 from seqvis.data import sources
 from seqvis.errors import ConfigError, DataError
 from seqvis.evaluation import fewshot as fewshot_lib
@@ -292,8 +292,8 @@ class Evaluator:
 
     logs_results = False  # also say the results in the console (the progress line shows no eval metrics)
 
-    def __init__(self, name: str, cfg: dict, config: Any, task, data_lib):
-        self.name, self.cfg, self.task, self.data_lib = name, cfg, task, data_lib
+    def __init__(self, name: str, cfg: dict, config: Any, task):
+        self.name, self.cfg, self.task = name, cfg, task
         self.field = f"config.evals.{name}"
         self.prefix = _prefix(name, cfg, config)
         self.main = bool(cfg.get("main", False))
@@ -316,7 +316,7 @@ class Evaluator:
 
     def _builder(self):
         try:
-            return self.data_lib.get_builder(self.data)
+            return pipeline.get_builder(self.data)
         except DataError as e:
             first = str(e.__cause__ or e).strip().splitlines()[0] if str(e.__cause__ or e).strip() else ""
             raise DataError(f"{self.field}.dataset={self.data.get('name')!r} cannot be opened ({first}); use a data "
@@ -340,7 +340,7 @@ class Evaluator:
         return self.every > 0 and step % self.every == 0
 
     def batches(self, split: str, examples: np.ndarray | None = None):
-        return self.data_lib.eval_iterator(self.data, global_batch_size=self.batch_size, split=split,
+        return pipeline.eval_iterator(self.data, global_batch_size=self.batch_size, split=split,
                                            extra_ops=tuple(self.task.pp_ops(train=False)), examples=examples,
                                            pp_field=self.pp_field)
 
@@ -357,8 +357,8 @@ class Evaluator:
 class ClassificationEvaluator(Evaluator):
     """The task's eval step over ``split`` (module docstring); or ReaL-style multi-label accuracy."""
 
-    def __init__(self, name, cfg, config, task, data_lib):
-        super().__init__(name, cfg, config, task, data_lib)
+    def __init__(self, name, cfg, config, task):
+        super().__init__(name, cfg, config, task)
         self.split = cfg.get("split") or self.data.get("eval_split", "test")
         self._check_split(self.split, "split")
         self.label_key = cfg.get("label_key", "label")
@@ -409,8 +409,8 @@ class FewshotEvaluator(Evaluator):
 
     logs_results = True
 
-    def __init__(self, name, cfg, config, task, data_lib):
-        super().__init__(name, cfg, config, task, data_lib)
+    def __init__(self, name, cfg, config, task):
+        super().__init__(name, cfg, config, task)
         self.train_split = cfg.get("train_split") or self.data.get("train_split", "train")
         self.split = cfg.get("split") or self.data.get("eval_split", "test")
         self._check_split(self.train_split, "train_split")
@@ -517,7 +517,7 @@ class Evaluators:
         return results
 
 
-def from_config(config: Any, task, data_lib) -> Evaluators:
+def from_config(config: Any, task) -> Evaluators:
     """The evaluators of ``config.evals`` (plus the default one, module docstring), with their datasets
     opened and splits checked, k-shot sets drawn and features traced: errors surface here, before any
     compilation."""
@@ -525,4 +525,4 @@ def from_config(config: Any, task, data_lib) -> Evaluators:
     entries = _entries(config)
     if not any(c["type"] == "classification" for c in entries.values()):
         entries = {DEFAULT_NAME: {**FIELDS["classification"], "type": "classification", "main": True}, **entries}
-    return Evaluators([TYPES[cfg["type"]](name, cfg, config, task, data_lib) for name, cfg in entries.items()])
+    return Evaluators([TYPES[cfg["type"]](name, cfg, config, task) for name, cfg in entries.items()])

@@ -177,6 +177,12 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.flush()
 
+    def __enter__(self) -> "MetricWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()

@@ -13,7 +13,7 @@ precision in the usual TPU/GPU sense:
   cell carries (float32 state, see :mod:`seqvis.models.recurrent`), BatchNorm running
   averages, logits and the loss are float32.
 
-Models are built by the tasks (``seqvis.train.tasks``, ``captioning``, ``video``); each asks
+Models are built by the tasks (``seqvis.tasks``: classification, captioning, video); each asks
 :func:`compute_dtype` for the ``dtype`` to give its modules. Nothing here is
 hardware-specific: on CPU bfloat16 is emulated (slower), on TPU and recent GPUs it halves
 activation memory and runs the matrix units at full rate.

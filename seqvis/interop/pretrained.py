@@ -12,7 +12,7 @@ Sources (by file name):
   for ``pool_type='map'`` models a ``MAPHead_0`` that loads into ``pool='map'``; the early
   layout with the MAP head's modules at the top level is regrouped under ``MAPHead_0``);
 - a timm ViT state dict: ``.safetensors`` (numpy only) or ``.pth``/``.bin`` (needs torch);
-  see :mod:`seqvis.train.timm_io`.
+  see :mod:`seqvis.interop.timm_io`.
 
 Everything is first brought to seqvis' layout, then merged into the freshly initialised
 parameters (the template):
@@ -47,7 +47,7 @@ from flax import traverse_util
 from seqvis.models import transformer as tr
 from seqvis.models import vit
 from seqvis.train import checkpoint as ckpt_lib
-from seqvis.train import timm_io
+from seqvis.interop import timm_io
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Train and evaluate from a config:
 
-    python -m seqvis.main --config=configs/vit.py[:ARG] --workdir=DIR [--config.a.b=value ...] [--verbose]
+    python -m seqvis.cli.train --config=configs/vit.py[:ARG] --workdir=DIR [--config.a.b=value ...] [--verbose]
 
 Re-running the same command resumes from the latest checkpoint in DIR.
 
@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from seqvis import config_cli, console
+from seqvis.cli import config_cli, console
 
 VERBOSE = console.verbose_requested()
 console.quiet_environment(VERBOSE)  # before TensorFlow or jax is imported anywhere
@@ -44,11 +44,11 @@ def main(argv):
     verbose = VERBOSE or FLAGS.verbose
     console.setup(verbose)
     if FLAGS.config is None or FLAGS.workdir is None:
-        sys.exit("usage: python -m seqvis.main --config=configs/vit.py[:ARG] --workdir=DIR")
+        sys.exit("usage: python -m seqvis.cli.train --config=configs/vit.py[:ARG] --workdir=DIR")
 
     # Deferred on purpose: jax, orbax and TensorFlow load only after the console is quieted.
     from seqvis.errors import CheckpointError
-    from seqvis.train.trainer import TrainingInterrupted, TrainingPreempted, train_and_evaluate
+    from seqvis.trainer import TrainingInterrupted, TrainingPreempted, train_and_evaluate
 
     traceback = os.environ.get("SEQVIS_TRACEBACK", "") not in ("", "0")
     # The exit happens after the except blocks: while an exception is alive its traceback keeps the

@@ -28,7 +28,7 @@ Both use LayerNorm epsilon 1e-6. The one numerical difference: timm's MLP uses t
 imported weights differ slightly from timm's (measured in ``tests/test_pretrained.py``).
 Keys with no seqvis counterpart (``reg_token``, ``fc_norm``, layer scale ``ls1/ls2``,
 ``q_norm/k_norm``, ``norm_pre``, a hybrid ``patch_embed.backbone``, ``attn_pool``) are not
-mapped: they are reported as unused by :func:`seqvis.train.pretrained.load_pretrained`.
+mapped: they are reported as unused by :func:`seqvis.interop.pretrained.load_pretrained`.
 
 The ``.safetensors`` format (an 8-byte little-endian header length, a JSON header naming
 each tensor's dtype, shape and byte range, then the raw little-endian bytes) is read and
@@ -221,11 +221,11 @@ def seqvis_to_timm(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     if "ResNet" in params:
         raise ValueError("timm export covers plain ViTs; a hybrid's ResNet trunk (timm's ResNetV2 backbone "
                          "naming) is not mapped. Export it to the official .npz layout instead "
-                         "(seqvis.train.pretrained.to_official_layout).")
+                         "(seqvis.interop.pretrained.to_official_layout).")
     if "MAPHead_0" in params:
         raise ValueError("timm export covers class-token and GAP ViTs; a MAP head (pool='map') is not mapped to "
                          "timm's attn_pool. Export it to the .npz layout instead "
-                         "(seqvis.train.pretrained.to_official_layout keeps big_vision's MAPHead_0 names).")
+                         "(seqvis.interop.pretrained.to_official_layout keeps big_vision's MAPHead_0 names).")
     enc = dict(params["Transformer"])
     if "encoderblock" in enc:
         enc = tr.unstack_layer_params(enc)

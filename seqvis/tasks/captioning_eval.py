@@ -7,7 +7,7 @@ COCO results format), ``captions_test_greedy.json`` and ``captions_refs.json`` (
 annotation format); ``results.json`` gets ``greedy_*`` and ``beam_*`` scores and the beam
 scores again without prefix.
 
-The task (:class:`seqvis.train.captioning.CaptioningTask`) calls :func:`final_evaluation`
+The task (:class:`seqvis.tasks.captioning.CaptioningTask`) calls :func:`final_evaluation`
 with itself; this module reads what it needs from it (``tokenizer``, ``model``, ``max_len``,
 ``feature_grid``, ``host_examples``, ``references``) and does not import the task module.
 """
@@ -53,7 +53,7 @@ def token_words(ids, tok: Tokenizer, keep_eos: bool = False) -> list[str]:
 # ============================================================================ decode and score
 
 
-def final_evaluation(task: Any, variables: dict, config: Any, workdir: str, data_lib: Any) -> dict[str, Any]:
+def final_evaluation(task: Any, variables: dict, config: Any, workdir: str) -> dict[str, Any]:
     """Greedy and beam captions of the eval split, their scores (``greedy_*``, ``beam_*``, the beam ones
     also unprefixed) and the caption files in ``workdir``; ``task`` is the set-up captioning task."""
     t0 = time.time()
@@ -75,7 +75,7 @@ def final_evaluation(task: Any, variables: dict, config: Any, workdir: str, data
     ids_all, masks, out_tokens = [], [], {m: [] for m in decoders}
     counts = {m: dict.fromkeys(grounding.COUNT_KEYS, 0) for m in decoders}
     has_attention = False
-    for batch in task.host_examples(data_lib):
+    for batch in task.host_examples():
         keep = batch["mask"] > 0
         ids_all.append(batch["image_id"])
         masks.append(keep)
@@ -98,7 +98,7 @@ def final_evaluation(task: Any, variables: dict, config: Any, workdir: str, data
     if jax.process_count() > 1:  # every process decoded its shard (same padded shapes); gather them
         ids, keep, tokens, counts = _gather_processes(ids, keep, tokens, counts)
     ids, tokens = ids[keep], {m: t[keep] for m, t in tokens.items()}
-    refs = task.references(data_lib)
+    refs = task.references()
     results: dict[str, Any] = {"decode_seconds": 0.0, "num_captions": int(len(ids))}
     caps_by_method = {}
     for m in decoders:

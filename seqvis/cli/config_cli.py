@@ -1,6 +1,6 @@
 """``--config=FILE.py[:ARG]`` and ``--config.a.b=VALUE`` on a command line: loading, and saying what is wrong.
 
-ml_collections' ``config_flags`` parses the overrides of ``seqvis.main``; when one cannot apply it raises
+ml_collections' ``config_flags`` parses the overrides of ``seqvis.cli.train``; when one cannot apply it raises
 from deep inside the flag parser (a ``KeyError`` with a suggestion, an ``AttributeError``, a parse error).
 :func:`explain_flag_error` turns that into one line naming the override, what the config has there, and
 the nearest field name.
@@ -60,10 +60,14 @@ def override_problem(config: Any, key: str, value: str | None = None) -> str | N
             near = difflib.get_close_matches(part, fields, n=1)
             hint = f" (did you mean {'.'.join(parts[:j] + near)!r}?)" if near else ""
             listing = f"; it has: {', '.join(fields)}" if fields else ""
-            if j == 1 and parts[0] == "evals":  # ml_collections overrides cannot add an entry
-                listing += ("; an evaluator cannot be added by a dotted path: use a config argument that adds it "
-                            "(configs/vit.py:fewshot) or give the whole dict, --config.evals=\"{'NAME': "
-                            "{'type': 'fewshot', 'dataset': 'fashion_mnist'}}\" (seqvis/train/evaluators.py)")
+            if j >= 1 and not near:  # ml_collections overrides change a field, never add one
+                parent = ".".join(parts[:j])
+                listing += (f"; a dotted path cannot add a field to {where}: give it whole with the new entry, "
+                            f"--config.{parent}=\"{{...}}\"")
+                if parent == "evals":
+                    listing += (", e.g. --config.evals=\"{'NAME': {'type': 'fewshot', 'dataset': 'fashion_mnist'}}\", "
+                                "or a config argument that adds it (configs/vit.py:fewshot; fields: "
+                                "seqvis/train/evaluators.py)")
             return f"{where} has no field {part!r}{hint}{listing}"
         node, where = node[part], "config." + ".".join(parts[:j + 1])
     if value is not None and isinstance(node, (bool, int, float)) and not _parses_as(value, type(node)):

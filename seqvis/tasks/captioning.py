@@ -19,11 +19,10 @@ word, so λ weighs the two terms as the paper's summed loss does. An evaluation 
 loss and metrics average over its references. Metrics: ``nll`` (mean CE per word),
 ``token_accuracy``, and for attention ``attention_reg`` and ``gate`` (mean β).
 
-Final evaluation (:mod:`seqvis.train.captioning_eval`): the eval split decoded greedily and
+Final evaluation (:mod:`seqvis.tasks.captioning_eval`): the eval split decoded greedily and
 with beam search, BLEU-1..4, CIDEr-D and grounding, the caption files. ``python -m
-seqvis.train.captioning --workdir=DIR [--kv_cache=false]`` runs it again from a trained workdir
-(the command stays here because it needs the task, and the evaluation module does not import
-the task). ``config.decode.kv_cache`` (transformer only): decode with the key/value cache
+seqvis.cli.caption_eval --workdir=DIR [--kv_cache=false]`` runs it again from a trained workdir
+(:func:`evaluate_workdir`). ``config.decode.kv_cache`` (transformer only): decode with the key/value cache
 (True, the default) or re-run the whole prefix at every step (False, the reference path); the
 captions and the checkpoint are the same either way.
 
@@ -33,7 +32,6 @@ the workdir conventions (vocab.json, decoding settings); the final evaluation it
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -53,11 +51,11 @@ from seqvis.errors import ConfigError, VocabularyError
 from seqvis.models import captioning as cap
 from seqvis.models import vit
 from seqvis.models.resnet import ResNetEncoder
-from seqvis.train import captioning_eval
+from seqvis.tasks import captioning_eval
 from seqvis.train.checkpoint import restore_variables
 from seqvis.train.step import AXIS
 from seqvis.train.precision import compute_dtype
-from seqvis.train.tasks import Task, register_task
+from seqvis.tasks.base import Task, register_task
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +208,7 @@ class CaptioningTask(Task):
     @property
     def model(self) -> nn.Module:
         if self._model is None:
-            raise RuntimeError("CaptioningTask.setup(workdir, data_lib) must run first: the model's output "
+            raise RuntimeError("CaptioningTask.setup(workdir) must run first: the model's output "
                                "layer depends on the vocabulary it builds or loads.")
         return self._model
 
@@ -226,7 +224,7 @@ class CaptioningTask(Task):
         return build_captioner(self.config.model, self.tokenizer.vocab_size, self.max_len - 1,
                                compute_dtype(self.config), self.config.decode.get("kv_cache", None))
 
-    def setup(self, workdir: str, data_lib: Any) -> None:
+    def setup(self, workdir: str) -> None:
         path = os.path.join(workdir, VOCAB_FILE)
         if os.path.exists(path):
             tok = Tokenizer.load(path)
@@ -238,7 +236,7 @@ class CaptioningTask(Task):
                     f"{ckpt_dir} holds checkpoints but {path} is missing: the checkpoints were trained with that "
                     "vocabulary. Put it back, or use a new --workdir.")
             caps = self.config.captions
-            tok = Tokenizer.build(self.train_captions(data_lib), min_count=int(caps.get("min_count", 1)),
+            tok = Tokenizer.build(self.train_captions(), min_count=int(caps.get("min_count", 1)),
                                   max_words=int(caps.get("max_words", 0)))
             if jax.process_index() == 0:
                 os.makedirs(workdir, exist_ok=True)
@@ -246,12 +244,12 @@ class CaptioningTask(Task):
             log.info("Built a vocabulary of %d ids from the training captions -> %s", tok.vocab_size, path)
         self.set_tokenizer(tok)
 
-    def train_captions(self, data_lib: Any) -> list[str]:
+    def train_captions(self) -> list[str]:
         """Every reference caption of the training split (all processes read all of it: same vocabulary)."""
         import tensorflow_datasets as tfds  # deferred on purpose: heavy, only when the vocabulary is built
 
         cfg = self.config.data
-        builder = data_lib.get_builder(cfg)
+        builder = data_pipeline.get_builder(cfg)
         split = cfg.get("train_split", "train")
         ds = builder.as_dataset(split=split, shuffle_files=False,
                                 decoders=tfds.decode.PartialDecoding({"captions": True}))
@@ -260,10 +258,10 @@ class CaptioningTask(Task):
             out.extend(t.decode("utf-8") for t in np.asarray(texts).reshape(-1))
         return out
 
-    def references(self, data_lib: Any, split: str | None = None) -> dict[int, list[str]]:
+    def references(self, split: str | None = None) -> dict[int, list[str]]:
         """``image_id -> [reference captions]`` of the eval split, read on the host."""
         cfg = self.config.data
-        builder = data_lib.get_builder(cfg)
+        builder = data_pipeline.get_builder(cfg)
         split = split or cfg.get("eval_split", "test")
         # Decoded like the evaluation pipeline reads it (tfds' mock data differs under partial decoding).
         ds = builder.as_dataset(split=split, shuffle_files=False)
@@ -382,7 +380,7 @@ class CaptioningTask(Task):
                              variables, jax.ShapeDtypeStruct((1, h, w, c), jnp.float32))
         return int(out.shape[1]), int(out.shape[2])
 
-    def host_examples(self, data_lib: Any, split: str | None = None, limit: int | None = None,
+    def host_examples(self, split: str | None = None, limit: int | None = None,
                       batch_size: int | None = None):
         """Iterate (or, with ``limit``, return the first ``limit``) eval examples as flat host numpy batches."""
         cfg = self.config.data
@@ -390,7 +388,7 @@ class CaptioningTask(Task):
         bs = int(batch_size or self.config.decode.batch_size)
         if limit is not None:
             bs = max(nd, -(-int(limit) // nd) * nd)
-        it = data_lib.eval_iterator(cfg, global_batch_size=bs * jax.process_count(), split=split,
+        it = data_pipeline.eval_iterator(cfg, global_batch_size=bs * jax.process_count(), split=split,
                                     extra_ops=(self._final_op(),))
 
         def flat(batch):
@@ -402,15 +400,15 @@ class CaptioningTask(Task):
         keep = batch["mask"] > 0
         return {k: v[keep][:limit] for k, v in batch.items()}
 
-    def final_evaluation(self, variables: dict, config: Any, workdir: str, data_lib: Any) -> dict[str, Any]:
-        """Greedy and beam captions of the eval split, scored and written (:mod:`seqvis.train.captioning_eval`)."""
-        return captioning_eval.final_evaluation(self, variables, config, workdir, data_lib)
+    def final_evaluation(self, variables: dict, config: Any, workdir: str) -> dict[str, Any]:
+        """Greedy and beam captions of the eval split, scored and written (:mod:`seqvis.tasks.captioning_eval`)."""
+        return captioning_eval.final_evaluation(self, variables, config, workdir)
 
 
 # ============================================================================ re-evaluation
 
 
-def workdir_task(workdir: str, data_lib: Any, kv_cache: bool | None = None) -> "CaptioningTask":
+def workdir_task(workdir: str, kv_cache: bool | None = None) -> "CaptioningTask":
     """The task of a trained captioning workdir, from its ``config.json``, with its vocabulary loaded;
     ``kv_cache`` (not None) replaces ``config.decode.kv_cache`` (decoding only: the checkpoint still loads)."""
     with open(os.path.join(workdir, "config.json")) as f:
@@ -420,7 +418,7 @@ def workdir_task(workdir: str, data_lib: Any, kv_cache: bool | None = None) -> "
     if kv_cache is not None:
         config.decode.kv_cache = bool(kv_cache)
     task = CaptioningTask(config)
-    task.setup(workdir, data_lib)
+    task.setup(workdir)
     return task
 
 
@@ -430,9 +428,9 @@ def evaluate_workdir(workdir: str, kv_cache: bool | None = None) -> dict[str, An
     The new values are merged into ``workdir/results.json`` (training fields are kept).
     ``kv_cache``: decode the transformer with (True) or without (False) the key/value cache;
     None keeps the workdir's ``config.decode.kv_cache``."""
-    task = workdir_task(workdir, data_pipeline, kv_cache)
+    task = workdir_task(workdir, kv_cache)
     variables = restore_variables(workdir, task.config.to_dict())  # written by this config's model, or refused
-    results = task.final_evaluation(variables, task.config, workdir, data_pipeline)
+    results = task.final_evaluation(variables, task.config, workdir)
     path = os.path.join(workdir, "results.json")
     old = {}
     if os.path.exists(path):
@@ -441,19 +439,3 @@ def evaluate_workdir(workdir: str, kv_cache: bool | None = None) -> dict[str, An
     if jax.process_index() == 0:
         captioning_eval.write_json(path, {**old, **results})
     return {**old, **results}
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Re-run the captioning final evaluation of a trained workdir.")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--kv_cache", choices=("true", "false"), default=None,
-                   help="transformer decoder: decode with the key/value cache or without it (the reference "
-                        "path); default: the workdir's config.decode.kv_cache")
-    a = p.parse_args(argv)
-    out = evaluate_workdir(a.workdir, None if a.kv_cache is None else a.kv_cache == "true")
-    print(json.dumps({k: v for k, v in out.items() if not isinstance(v, (dict, list))}, indent=1))
-
-
-if __name__ == "__main__":
-    main()
-

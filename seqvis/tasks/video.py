@@ -29,12 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqvis.data import preprocess
+from seqvis.data import pipeline, preprocess
 from seqvis.data import video_ops  # noqa: F401  (registers the video pp ops)
 from seqvis.errors import ConfigError
 from seqvis.models.video import VideoClassifier
 from seqvis.train.precision import compute_dtype
-from seqvis.train.tasks import Task, register_task, softmax_cross_entropy
+from seqvis.tasks.base import Task, register_task, softmax_cross_entropy
 
 _MODEL_FIELDS = ("temporal", "backbone", "backbone_kwargs", "pool", "embed_dim", "width", "num_layers", "num_heads",
                  "mlp_dim", "max_frames", "kernel_size", "bidirectional", "dropout_rate")
@@ -126,12 +126,12 @@ class VideoTask(Task):
     def pp_ops(self, train: bool):
         return [video_ops.finalize(self.num_frames, self.image_shape)]
 
-    def setup(self, workdir: str, data_lib: Any) -> None:
+    def setup(self, workdir: str) -> None:
         """Check the data against the config before anything is compiled: class count and the
         shape of one preprocessed test clip."""
         del workdir
         cfg = self.config.data
-        builder = data_lib.get_builder(cfg)
+        builder = pipeline.get_builder(cfg)
         label = builder.info.features["label"] if "label" in builder.info.features else None
         if label is not None and getattr(label, "num_classes", None) not in (None, self.num_classes):
             raise ConfigError(f"config.data.num_classes={self.num_classes} but {builder.name} has "
@@ -141,7 +141,7 @@ class VideoTask(Task):
             raise ConfigError(f"config.data.name={cfg.name!r} has no 'video' feature; the video task needs clips.")
         ops = preprocess.parse(cfg.get("pp_eval", ""), field="config.data.pp_eval")
         split = cfg.get("eval_split", "test")
-        ds = data_lib.as_dataset(builder, split, cfg).take(1)
+        ds = pipeline.as_dataset(builder, split, cfg).take(1)
         for ex in ds:
             import tensorflow as tf
 
@@ -155,7 +155,7 @@ class VideoTask(Task):
                     f"sample_frames({self.num_frames}) and a resize/crop to {self.image_shape[:2]}).")
 
     # ------------------------------------------------------------------ evaluation
-    def final_evaluation(self, variables, config, workdir, data_lib) -> dict[str, Any]:
+    def final_evaluation(self, variables, config, workdir) -> dict[str, Any]:
         partner = self.reverse_labels
         if partner is None:
             return {}
@@ -180,7 +180,7 @@ class VideoTask(Task):
                               jnp.sum(mask * (rev_pred == partner_arr[pred])), jnp.sum(mask)])
 
         total = np.zeros(4)
-        it = data_lib.eval_iterator(config.data, global_batch_size=int(config.get("eval_batch_size", config.batch_size)),
+        it = pipeline.eval_iterator(config.data, global_batch_size=int(config.get("eval_batch_size", config.batch_size)),
                                     extra_ops=(both,))
         flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731  [devices, B, ...] -> [devices·B, ...]
         for batch in it:

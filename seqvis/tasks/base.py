@@ -21,13 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from seqvis.models import resnet, vit
-from seqvis.train.precision import compute_dtype
-from seqvis.train.step import AXIS
 
 TASKS: dict[str, Callable[[Any], "Task"]] = {}
 # Tasks that live in their own module, imported when a config asks for them.
-TASK_MODULES = {"captioning": "seqvis.train.captioning", "video": "seqvis.train.video"}
+TASK_MODULES = {"classification": "seqvis.tasks.classification", "captioning": "seqvis.tasks.captioning",
+                "video": "seqvis.tasks.video"}
 
 
 def register_task(name: str):
@@ -76,7 +74,7 @@ class Task:
 
     # ---- optional hooks (defaults do nothing) ----
 
-    def setup(self, workdir: str, data_lib: Any) -> None:
+    def setup(self, workdir: str) -> None:
         """Called once before any data is read, on every process (e.g. build or load a vocabulary
         kept in ``workdir``, so that it is restored with the checkpoints)."""
 
@@ -84,7 +82,7 @@ class Task:
         """Extra tf.data ops (example dict -> example dict) run after ``config.data.pp_*``."""
         return []
 
-    def final_evaluation(self, variables: dict, config: Any, workdir: str, data_lib: Any) -> dict[str, Any]:
+    def final_evaluation(self, variables: dict, config: Any, workdir: str) -> dict[str, Any]:
         """Task-specific evaluation after training (host-side ``variables``: params and model
         state, one copy). Its dict is merged into ``results.json``."""
         return {}
@@ -112,30 +110,6 @@ class Task:
                              f"{np.shape(soft)[-1]} columns; set --config.data.num_classes={np.shape(soft)[-1]}.")
 
 
-def build_classifier(model_cfg: Any, num_classes: int, dtype: Any = None) -> nn.Module:
-    """``config.model`` -> ViT or ResNet module (``name`` picks which; other fields are kwargs).
-
-    ``dtype`` is the compute dtype of the precision policy (:mod:`seqvis.train.precision`);
-    None keeps the modules' float32 default. Parameters are float32 either way."""
-    cfg = dict(model_cfg)
-    cfg.pop("dtype", None)  # decided by config.precision (checked in precision.compute_dtype)
-    if cfg.get("patch_size", 0) is None:  # a config's "not set": the variant's own patch size
-        del cfg["patch_size"]
-    if dtype is not None:
-        cfg["dtype"] = dtype
-    name = cfg.pop("name", "vit")
-    if name == "vit":
-        variant = cfg.pop("variant", None)
-        if variant is None:
-            raise ValueError("config.model.variant is missing; set it to a ViT name such as 'Ti/16'.")
-        return vit.build(variant, num_classes=num_classes, **cfg)
-    if name == "resnet":
-        # Batch statistics are computed over the global batch (synced across devices).
-        cfg.setdefault("bn_axis_name", AXIS if cfg.get("norm", "batch") == "batch" else None)
-        return resnet.ResNet(num_classes=num_classes, **cfg)
-    raise ValueError(f"config.model.name={name!r} is unknown; use 'vit' or 'resnet'.")
-
-
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
                           label_smoothing: float = 0.0) -> jax.Array:
     """Per-example cross-entropy; ``labels`` are ints ``[B]`` or soft labels ``[B, K]``."""
@@ -146,44 +120,3 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
-@register_task("classification")
-class ClassificationTask(Task):
-    """Image classification: ``image [B, H, W, C]`` and ``label [B]`` (or soft ``labels [B, K]``)."""
-
-    def __init__(self, config: Any):
-        self.num_classes = int(config.data.num_classes)
-        super().__init__(config)
-        self.mutable_collections = ("batch_stats",) if config.model.get("name") == "resnet" and \
-            config.model.get("norm", "batch") == "batch" else ()
-
-    def build_model(self) -> nn.Module:
-        return build_classifier(self.config.model, self.num_classes, compute_dtype(self.config))
-
-    def dummy_batch(self, batch_size: int) -> dict[str, jax.Array]:
-        h, w, c = self.config.data.image_shape
-        return {"image": jnp.zeros((batch_size, h, w, c), jnp.float32),
-                "label": jnp.zeros((batch_size,), jnp.int32)}
-
-    def model_inputs(self, batch):
-        return (batch["image"],)
-
-    def init(self, rng, batch):
-        return self.model.init({"params": rng, "dropout": rng}, batch["image"], train=False)
-
-    def losses(self, variables, batch, *, train, rng):
-        rngs = {"dropout": rng} if rng is not None else {}
-        if self.mutable_collections and train:
-            logits, updates = self.model.apply(variables, batch["image"], train=True, rngs=rngs,
-                                               mutable=list(self.mutable_collections))
-        else:
-            logits, updates = self.model.apply(variables, batch["image"], train=train, rngs=rngs), {}
-        labels = batch.get("labels", batch["label"])  # soft labels after mixup
-        smoothing = float(self.config.get("label_smoothing", 0.0)) if train else 0.0
-        loss = softmax_cross_entropy(logits, labels, self.num_classes, smoothing)
-        hard = batch["label"] if "label" in batch else jnp.argmax(labels, -1)
-        if hard.ndim == logits.ndim:
-            hard = jnp.argmax(hard, -1)
-        correct = (jnp.argmax(logits, -1) == hard).astype(jnp.float32)
-        return loss, {"accuracy": correct}, updates
