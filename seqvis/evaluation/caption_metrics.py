@@ -1,4 +1,4 @@
-"""Caption metrics as the COCO caption evaluation computes them: corpus BLEU-1..4 and CIDEr-D.
+"""Caption metrics as the COCO caption evaluation computes them: corpus BLEU-1..4, CIDEr-D and ROUGE-L.
 
 Inputs are dicts ``image_id -> [caption]`` (one candidate) and ``image_id -> [ref, ...]``.
 Captions are tokenised by lower-casing and dropping punctuation (the PTB tokenizer does
@@ -18,6 +18,13 @@ CIDEr-D (Vedantam et al. 2015), with document frequencies over the reference set
     CIDEr-D(c, S) = mean over n = 1..4;   σ = 6
 
 (l is the length as the reference implementation measures it: the number of bigrams.)
+
+ROUGE-L (Lin 2004), per image with the longest common subsequence (LCS) of words, then averaged::
+
+    P = max_{s∈S} LCS(c, s) / l(c)      R = max_{s∈S} LCS(c, s) / l(s)      (maxima taken separately)
+    ROUGE-L(c, S) = (1 + β²) P R / (R + β² P),  0 if P or R is 0;   β = 1.2
+
+(l is the number of words here.)
 """
 
 from __future__ import annotations
@@ -107,4 +114,44 @@ def cider_d(cands: Mapping[object, Sequence[str]], refs: Mapping[object, Sequenc
                 sims.append(dot / (nc[n] * nr[n]) * penalty if nc[n] and nr[n] else 0.0)
             score += sum(sims) / max_n
         per_image[i] = 10.0 * score / len(toks_refs[i])
+    return (sum(per_image.values()) / len(per_image) if per_image else 0.0), per_image
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of two word sequences (O(len(a)·len(b)) dynamic programme)."""
+    if len(a) < len(b):
+        a, b = b, a
+    row = [0] * (len(b) + 1)  # row[j] = LCS(a[:i], b[:j]) for the current i
+    for x in a:
+        diag = 0  # LCS(a[:i-1], b[:j-1])
+        for j, y in enumerate(b, start=1):
+            up = row[j]
+            row[j] = diag + 1 if x == y else max(up, row[j - 1])
+            diag = up
+    return row[-1]
+
+
+def rouge_l(cands: Mapping[object, Sequence[str]], refs: Mapping[object, Sequence[str]],
+            beta: float = 1.2) -> tuple[float, dict]:
+    """Mean ROUGE-L over the images and per-image scores, like pycocoevalcap's Rouge (β = 1.2).
+
+    For each image, the LCS precision ``LCS / len(candidate)`` and recall ``LCS / len(reference)`` are
+    computed against every reference; the largest precision and the largest recall (possibly from
+    different references) give ``F = (1 + β²) P R / (R + β² P)``, 0 when either is 0. An empty candidate
+    or reference counts as precision / recall 0.
+    """
+    ids = _check(cands, refs)
+    per_image = {}
+    for i in ids:
+        c = tokenize(cands[i][0])
+        rs = [tokenize(r) for r in refs[i]]
+        if not rs:
+            raise ValueError(f"image {i!r}: no reference captions.")
+        prec = rec = 0.0
+        for r in rs:
+            common = lcs_length(c, r)
+            if common:
+                prec = max(prec, common / len(c))
+                rec = max(rec, common / len(r))
+        per_image[i] = ((1 + beta**2) * prec * rec / (rec + beta**2 * prec)) if prec and rec else 0.0
     return (sum(per_image.values()) / len(per_image) if per_image else 0.0), per_image
