@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from seqvis.evaluation.caption_metrics import bleu, cider_d
+from seqvis.evaluation.caption_metrics import bleu, cider_d, rouge_l
 from seqvis.data import pipeline as data_lib
 from seqvis.train import checkpoint as ckpt_lib
 from seqvis.tasks.captioning import CaptioningTask, evaluate_workdir
@@ -82,13 +82,14 @@ def test_end_to_end_outputs_resume_and_pictures(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     config = tiny(data_dir)
     results = train_and_evaluate(config, workdir)
-    for key in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "grounding", "grounding_colour", "item_word_precision",
-                "nll", "token_accuracy", "attention_reg", "greedy_bleu4", "greedy_cider", "greedy_grounding",
-                "beam_bleu4", "beam_cider", "beam_grounding"):
+    for key in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l", "grounding", "grounding_colour",
+                "item_word_precision", "nll", "token_accuracy", "attention_reg", "greedy_bleu4", "greedy_cider",
+                "greedy_rouge_l", "greedy_grounding", "beam_bleu4", "beam_cider", "beam_rouge_l", "beam_grounding"):
         assert key in results, key
     assert results["num_examples"] == N_TEST and results["num_captions"] == N_TEST
     on_disk = json.load(open(os.path.join(workdir, "results.json")))
     assert on_disk["bleu4"] == pytest.approx(results["beam_bleu4"])
+    assert on_disk["rouge_l"] == pytest.approx(results["beam_rouge_l"])
     # COCO results / annotation files, re-scored independently from the files.
     cands = json.load(open(os.path.join(workdir, "captions_test.json")))
     greedy = json.load(open(os.path.join(workdir, "captions_test_greedy.json")))
@@ -104,6 +105,7 @@ def test_end_to_end_outputs_resume_and_pictures(data_dir, tmp_path):
         b = bleu(c, ref_map)
         assert results[prefix + "bleu4"] == pytest.approx(b[3], abs=1e-9), name
         assert results[prefix + "cider"] == pytest.approx(cider_d(c, ref_map)[0], abs=1e-9), name
+        assert results[prefix + "rouge_l"] == pytest.approx(rouge_l(c, ref_map)[0], abs=1e-9), name
     test_builder = data_lib.get_builder(config.data)
     truth = {int(ex["image_id"]): [x.decode() for x in ex["captions"]]
              for ex in test_builder.as_dataset(split="test").as_numpy_iterator()}
@@ -119,7 +121,8 @@ def test_end_to_end_outputs_resume_and_pictures(data_dir, tmp_path):
 
     # Re-evaluating the final checkpoint reproduces the scores written at the end of training.
     again = evaluate_workdir(workdir)
-    for key in ("beam_bleu4", "beam_cider", "greedy_bleu4", "greedy_cider", "grounding", "grounding_colour"):
+    for key in ("beam_bleu4", "beam_cider", "beam_rouge_l", "greedy_bleu4", "greedy_cider", "greedy_rouge_l",
+                "grounding", "grounding_colour"):
         assert again[key] == pytest.approx(results2[key], abs=1e-9), key
 
     # Attention pictures from the checkpoint: one PNG per image.

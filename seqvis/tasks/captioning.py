@@ -20,7 +20,7 @@ loss and metrics average over its references. Metrics: ``nll`` (mean CE per word
 ``token_accuracy``, and for attention ``attention_reg`` and ``gate`` (mean β).
 
 Final evaluation (:mod:`seqvis.tasks.captioning_eval`): the eval split decoded greedily and
-with beam search, BLEU-1..4, CIDEr-D and grounding, the caption files. ``python -m
+with beam search, BLEU-1..4, CIDEr-D, ROUGE-L and grounding, the caption files. ``python -m
 seqvis.cli.caption_eval --workdir=DIR [--kv_cache=false]`` runs it again from a trained workdir
 (:func:`evaluate_workdir`). ``config.decode.kv_cache`` (transformer only): decode with the key/value cache
 (True, the default) or re-run the whole prefix at every step (False, the reference path); the

@@ -1,7 +1,7 @@
 """The captioning task's final evaluation: decode the eval split, score, ground, write.
 
-The eval split is decoded greedily and with beam search (jit, batched); BLEU-1..4 and CIDEr-D
-against all references (:mod:`seqvis.evaluation.caption_metrics`); grounding for attention
+The eval split is decoded greedily and with beam search (jit, batched); BLEU-1..4, CIDEr-D and
+ROUGE-L against all references (:mod:`seqvis.evaluation.caption_metrics`); grounding for attention
 models on datasets with item boxes (:mod:`seqvis.evaluation.grounding`). Writes ``captions_test.json`` (beam,
 COCO results format), ``captions_test_greedy.json`` and ``captions_refs.json`` (COCO
 annotation format); ``results.json`` gets ``greedy_*`` and ``beam_*`` scores and the beam
@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 
 from seqvis.data.tokenizer import Tokenizer
 from seqvis.evaluation import grounding
-from seqvis.evaluation.caption_metrics import bleu, cider_d
+from seqvis.evaluation.caption_metrics import bleu, cider_d, rouge_l
 from seqvis.models import captioning as cap
 from seqvis.models import decoding
 
@@ -111,13 +111,14 @@ def final_evaluation(task: Any, variables: dict, config: Any, workdir: str) -> d
         cider, _ = cider_d(cands, refs)
         scores = {f"bleu{n + 1}": float(b[n]) for n in range(4)}
         scores["cider"] = float(cider)
+        scores["rouge_l"] = float(rouge_l(cands, refs)[0])
         scores["mean_length"] = float(np.mean([len(c[0].split()) for c in cands.values()]))
         if has_attention:
             scores.update(grounding.grounding_scores(counts[m]))
         for k, v in scores.items():
             results[f"{m}_{k}"] = v
         caps_by_method[m] = cands
-    for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "grounding", "item_word_precision",
+    for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l", "grounding", "item_word_precision",
               "grounding_colour"):
         if f"beam_{k}" in results:
             results[k] = results[f"beam_{k}"]
