@@ -178,6 +178,27 @@ def test_case3_corrupt_newest_is_moved_aside_and_retrained_step_saved(idx_dir, d
     assert metric_steps(str(workdir)) == [2, 4, 6]
 
 
+def test_a_checkpoint_of_another_structure_is_refused_naming_the_paths_and_kept(idx_dir, data_dir, tmp_path):
+    """A state tree that differs from the saved one (here one leaf more, as a code change would make) is told
+    from the step's metadata: refused with the differing path, nothing moved aside; a corrupt step is not."""
+    workdir = str(tmp_path / "w")
+    train_and_evaluate(tiny(idx_dir, data_dir, total_steps=2), workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    ckpt = ckpt_lib.Checkpointer(workdir)
+    state, _ = ckpt.read()
+    grown = {**state, "extra": np.zeros((3,), np.float32)}
+    with pytest.raises(CheckpointError, match=r"another structure.*only in this config's state: extra"):
+        ckpt.restore_latest(grown, config)
+    with pytest.raises(CheckpointError, match=r"Cannot start from step 2 .*another structure.*state: extra"):
+        ckpt.restore_step(2, grown)  # the same for a run branched off this one
+    restored, meta = ckpt.restore_latest(state, config)  # the checkpoint itself was never touched
+    assert meta["step"] == 2 and int(restored["step"]) == 2
+    ckpt.close()
+    assert ckpt_lib.Checkpointer(workdir).steps() == [2] and not os.path.exists(
+        os.path.join(workdir, ckpt_lib.UNREADABLE_DIR))
+
+
 # ---------------------------------------------------------------------------- case 4
 
 

@@ -191,14 +191,14 @@ def _short(e: BaseException) -> str:
 
 
 def _structure_difference(saved: Any, target: Any) -> str | None:
-    """None when the saved state's tree (from its metadata) has the paths and shapes of ``target``; else
-    which differ, in words. Both are flattened by orbax's own tree functions, as it stores the tree."""
+    """None when the saved state's tree (from its metadata) has the paths and shapes of ``target``, or when
+    the metadata holds no tree (a corrupt step); else which differ, in words. Both are flattened by orbax's own tree functions, as it stores the tree."""
     def flat(tree):
         return {"/".join(map(str, k)): tuple(np.shape(v))
                 for k, v in ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=True)).items()}
 
     a, b = flat(saved), flat(target)
-    if a == b:
+    if a == b or not a:  # no tree at all: the metadata itself is unreadable, not another structure
         return None
     only_saved, only_here = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     reshaped = sorted(k for k in set(a) & set(b) if a[k] != b[k])
